@@ -1,0 +1,393 @@
+"""Qwen3 model configuration: built from (and written back to) a Hugging Face `config.json`.
+
+Every architecture field is required when reading an HF config (no silent defaults: a port once
+ignored `rope_theta`); fields we do not model are kept verbatim in `hf_extra` so an export writes
+back the config it was given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+
+class ConfigError(ValueError):
+    """An HF or her_jax model config that cannot be used, with the field and source named."""
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Activation names accepted in `hidden_act` (the subset of transformers' ACT2FN that makes sense
+# for a SwiGLU-style gate); the model maps each to its JAX function.
+ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "tanh", "sigmoid")
+
+# RoPE variants whose inverse frequencies do not depend on the sequence length.
+ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
+
+# Fields that define the network (and so must match between a checkpoint and its config).
+ARCH_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_type", "rope_scaling",
+    "tie_word_embeddings", "attention_bias", "hidden_act", "sliding_window", "layer_types",
+)
+
+# HF keys that we model (everything else in a config.json is passed through in `hf_extra`).
+_HF_MODELLED = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling",
+    "tie_word_embeddings", "attention_bias", "hidden_act", "sliding_window", "use_sliding_window",
+    "layer_types", "max_position_embeddings", "initializer_range", "dtype", "torch_dtype",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+    """A dense Qwen3 decoder.
+
+    Architecture fields mirror HF's `Qwen3Config`; `param_dtype`, `dtype` (compute) and `remat`
+    are run-time choices of ours and are not part of the HF file.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    rope_type: str = "default"
+    # Extra RoPE parameters of non-default `rope_type`s, as sorted (key, value) pairs.
+    rope_scaling: tuple[tuple[str, Any], ...] = ()
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    sliding_window: int | None = None
+    # Per layer: "full_attention" or "sliding_attention"; empty means all full.
+    layer_types: tuple[str, ...] = ()
+    initializer_range: float = 0.02
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: str = "full"
+    # Everything else from the HF config.json (token ids, torch dtype, ...), kept for export.
+    hf_extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+    # The HF generation_config.json that came with the weights (written back on export).
+    generation_config: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        def need(ok: bool, field: str, msg: str):
+            if not ok:
+                raise ConfigError(f"Qwen3Config.{field}: {msg} (found {getattr(self, field)!r})")
+
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f, "expected a positive int")
+        need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+             f"must divide num_attention_heads={self.num_attention_heads}")
+        need(self.head_dim % 2 == 0, "head_dim", "RoPE needs an even head_dim")
+        need(self.rms_norm_eps > 0, "rms_norm_eps", "expected > 0")
+        need(self.rope_theta > 0, "rope_theta", "expected > 0")
+        need(self.rope_type in ROPE_TYPES, "rope_type",
+             f"supported RoPE types are {ROPE_TYPES} (sequence-length dependent variants are not)")
+        need(self.hidden_act in ACTIVATIONS, "hidden_act", f"expected one of {ACTIVATIONS}")
+        need(self.param_dtype in DTYPES, "param_dtype", f"expected one of {DTYPES}")
+        need(self.dtype in DTYPES, "dtype", f"expected one of {DTYPES}")
+        need(self.remat in REMAT_POLICIES, "remat", f"expected one of {REMAT_POLICIES}")
+        need(not self.layer_types or len(self.layer_types) == self.num_hidden_layers, "layer_types",
+             f"expected one entry per layer ({self.num_hidden_layers})")
+        need(all(t in ("full_attention", "sliding_attention") for t in self.layer_types), "layer_types",
+             "entries must be 'full_attention' or 'sliding_attention'")
+        if "sliding_attention" in self.layer_types:
+            need(isinstance(self.sliding_window, int) and self.sliding_window > 0, "sliding_window",
+                 "sliding_attention layers need a positive sliding_window")
+        rope_params(self)  # validates the RoPE parameters of the chosen type
+
+    # ----------------------------------------------------------------------------------------
+    @property
+    def num_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        """Per-layer attention window in positions (0 = unlimited)."""
+        types = self.layer_types or ("full_attention",) * self.num_hidden_layers
+        return tuple(self.sliding_window if t == "sliding_attention" else 0 for t in types)
+
+    def replace(self, **changes) -> Qwen3Config:
+        return dataclasses.replace(self, **changes)
+
+    def arch_dict(self) -> dict[str, Any]:
+        """The fields that define the network, JSON-ready (used to refuse mismatched checkpoints)."""
+        out = {f: getattr(self, f) for f in ARCH_FIELDS}
+        out["rope_scaling"] = dict(self.rope_scaling)
+        out["layer_types"] = list(self.layer_types)
+        return out
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Everything, JSON-ready; `from_json_dict` inverts it."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["rope_scaling"] = dict(self.rope_scaling)
+        out["layer_types"] = list(self.layer_types)
+        out["hf_extra"] = dict(self.hf_extra)
+        out["generation_config"] = dict(self.generation_config)
+        return out
+
+    @classmethod
+    def from_json_dict(cls, d: Mapping[str, Any]) -> Qwen3Config:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown Qwen3Config fields {unknown}")
+        d = dict(d)
+        d["rope_scaling"] = tuple(sorted(dict(d.get("rope_scaling") or {}).items()))
+        d["layer_types"] = tuple(d.get("layer_types") or ())
+        return cls(**d)
+
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, source: str | os.PathLike | Mapping[str, Any], **runtime) -> Qwen3Config:
+        """Build from an HF config: a `config.json` path, a model folder, or a dict.
+
+        `runtime` sets our own fields (`param_dtype`, `dtype`, `remat`).
+        """
+        where = "config dict"
+        if not isinstance(source, Mapping):
+            path = os.fspath(source)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            where = path
+            try:
+                with open(path, encoding="utf-8") as f:
+                    source = json.load(f)
+            except FileNotFoundError:
+                raise ConfigError(f"{where}: no such file (expected an HF config.json or a folder holding one)") from None
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{where}: not valid JSON ({e})") from None
+        hf = dict(source)
+
+        def req(key: str, types: type | tuple[type, ...]):
+            if key not in hf or hf[key] is None:
+                raise ConfigError(f"{where}: required field '{key}' is missing")
+            value = hf[key]
+            if not isinstance(value, types) or isinstance(value, bool) != (types is bool):
+                raise ConfigError(f"{where}: field '{key}' should be {types}, found {value!r}")
+            return value
+
+        model_type = hf.get("model_type", "qwen3")
+        if model_type != "qwen3":
+            raise ConfigError(f"{where}: model_type is {model_type!r}; her_jax supports dense 'qwen3' models")
+
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        if isinstance(rope.get("rope_theta"), (int, float)):
+            theta = float(rope["rope_theta"])
+        elif isinstance(hf.get("rope_theta"), (int, float)):
+            theta = float(hf["rope_theta"])
+        else:
+            raise ConfigError(f"{where}: required field 'rope_theta' is missing "
+                              "(looked in 'rope_parameters' and at the top level)")
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        rope.pop("rope_theta", None)
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ConfigError(f"{where}: rope partial_rotary_factor={rope['partial_rotary_factor']} is not "
+                              "supported by Qwen3 (RoPE covers the whole head)")
+        rope.pop("partial_rotary_factor", None)
+        max_pos = req("max_position_embeddings", int)
+        if rope_type in ("yarn", "llama3"):
+            rope.setdefault("original_max_position_embeddings", max_pos)
+
+        n_layers = req("num_hidden_layers", int)
+        sliding = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
+        if "layer_types" in hf and hf["layer_types"] is not None:
+            layer_types = tuple(hf["layer_types"])
+        elif sliding is not None:
+            max_window_layers = req("max_window_layers", int)
+            layer_types = tuple("sliding_attention" if i >= max_window_layers else "full_attention"
+                                for i in range(n_layers))
+        else:
+            layer_types = ()
+        if all(t == "full_attention" for t in layer_types):
+            layer_types = ()
+
+        extra = {k: v for k, v in hf.items() if k not in _HF_MODELLED}
+        try:
+            return cls(
+                vocab_size=req("vocab_size", int),
+                hidden_size=req("hidden_size", int),
+                intermediate_size=req("intermediate_size", int),
+                num_hidden_layers=n_layers,
+                num_attention_heads=req("num_attention_heads", int),
+                num_key_value_heads=req("num_key_value_heads", int),
+                head_dim=req("head_dim", int),
+                rms_norm_eps=float(req("rms_norm_eps", (int, float))),
+                rope_theta=theta,
+                tie_word_embeddings=req("tie_word_embeddings", bool),
+                max_position_embeddings=max_pos,
+                rope_type=rope_type,
+                rope_scaling=tuple(sorted(rope.items())),
+                attention_bias=bool(hf.get("attention_bias", False)),
+                hidden_act=hf.get("hidden_act", "silu"),
+                sliding_window=sliding,
+                layer_types=layer_types,
+                initializer_range=float(hf.get("initializer_range", 0.02)),
+                hf_extra={**extra, "dtype": hf.get("dtype") or hf.get("torch_dtype")},
+                **runtime,
+            )
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def to_hf(self, torch_dtype: str | None = None) -> dict[str, Any]:
+        """A transformers-5 `config.json` dict; keys we do not model come back from `hf_extra`."""
+        rope = {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **dict(self.rope_scaling)}
+        layer_types = list(self.layer_types or ("full_attention",) * self.num_hidden_layers)
+        sliding = "sliding_attention" in layer_types
+        hf = {
+            "architectures": ["Qwen3ForCausalLM"],
+            "model_type": "qwen3",
+            "bos_token_id": None,
+            "eos_token_id": None,
+            "pad_token_id": None,
+            "attention_dropout": 0.0,
+            "use_cache": True,
+            **dict(self.hf_extra),
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": self.hidden_act,
+            "max_position_embeddings": self.max_position_embeddings,
+            "initializer_range": self.initializer_range,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "rope_parameters": rope,
+            "attention_bias": self.attention_bias,
+            "use_sliding_window": sliding,
+            "sliding_window": self.sliding_window if sliding else None,
+            "layer_types": layer_types,
+            "dtype": torch_dtype or self.hf_dtype,
+        }
+        if hf["dtype"] is None:
+            del hf["dtype"]
+        return hf
+
+    @property
+    def hf_dtype(self) -> str | None:
+        """The dtype the HF checkpoint was stored in, when known."""
+        return self.hf_extra.get("dtype")
+
+
+# ------------------------------------------------------------------------------------------------
+# RoPE: inverse frequencies and the cos/sin scale, computed on the host (they depend only on the
+# config) the way transformers computes them.
+
+def rope_params(config: Qwen3Config) -> tuple[np.ndarray, float]:
+    """(inv_freq [head_dim // 2] float32, attention_scaling) for `config`'s RoPE."""
+    dim = config.head_dim
+    base = config.rope_theta
+    p = dict(config.rope_scaling)
+
+    def get(key: str, default=None, required=True):
+        if key in p and p[key] is not None:
+            return p[key]
+        if required and default is None:
+            raise ConfigError(f"rope_parameters: rope_type '{config.rope_type}' needs '{key}'")
+        return default
+
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = (1.0 / np.power(np.float32(base), exponents, dtype=np.float32)).astype(np.float32)
+    scaling = 1.0
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / np.float32(get("factor"))
+    elif config.rope_type == "llama3":
+        factor = float(get("factor"))
+        low, high = float(get("low_freq_factor")), float(get("high_freq_factor"))
+        old_len = float(get("original_max_position_embeddings"))
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    elif config.rope_type == "yarn":
+        original = get("original_max_position_embeddings")
+        factor = float(get("factor"))
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        scaling = get("attention_factor", required=False)
+        if scaling is None:
+            m, m_all = p.get("mscale"), p.get("mscale_all_dim")
+            scaling = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        scaling = float(scaling)
+        beta_fast = p.get("beta_fast") or 32
+        beta_slow = p.get("beta_slow") or 1
+
+        def correction_dim(rotations):
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+        if p.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - lo) / (hi - lo), 0, 1)
+        extrapolation = 1 - ramp
+        pos_freqs = np.power(np.float32(base), exponents, dtype=np.float32)
+        inv_freq = (1.0 / (factor * pos_freqs) * (1 - extrapolation)
+                    + 1.0 / pos_freqs * extrapolation).astype(np.float32)
+    return inv_freq, scaling
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets: golden copies of the public Qwen3 dense configs (QWEN3.md), plus tiny ones.
+
+def _qwen3_hf(layers, hidden, heads, inter, tied, max_window_layers, theta=1_000_000, max_pos=40960):
+    return {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+        "vocab_size": 151936, "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": 8,
+        "head_dim": 128, "hidden_act": "silu", "max_position_embeddings": max_pos,
+        "rms_norm_eps": 1e-6, "rope_theta": theta, "rope_scaling": None,
+        "tie_word_embeddings": tied, "attention_bias": False, "attention_dropout": 0.0,
+        "initializer_range": 0.02, "use_sliding_window": False, "sliding_window": None,
+        "max_window_layers": max_window_layers, "bos_token_id": 151643, "eos_token_id": 151645,
+        "torch_dtype": "bfloat16", "use_cache": True,
+    }
+
+
+HF_PRESETS: dict[str, dict[str, Any]] = {
+    "qwen3-0.6b": _qwen3_hf(28, 1024, 16, 3072, True, 28),
+    "qwen3-1.7b": _qwen3_hf(28, 2048, 16, 6144, True, 28),
+    "qwen3-4b": _qwen3_hf(36, 2560, 32, 9728, True, 36),
+    "qwen3-4b-2507": _qwen3_hf(36, 2560, 32, 9728, True, 36, theta=5_000_000, max_pos=262144),
+    "qwen3-8b": _qwen3_hf(36, 4096, 32, 12288, False, 36),
+    "qwen3-14b": _qwen3_hf(40, 5120, 40, 17408, False, 40),
+    "qwen3-32b": _qwen3_hf(64, 5120, 64, 25600, False, 64),
+    # The default CPU run: the real Qwen3 vocabulary (so the real tokenizer works), a tiny body.
+    "qwen3-tiny": {**_qwen3_hf(4, 128, 4, 384, True, 4), "num_key_value_heads": 2, "head_dim": 32,
+                   "torch_dtype": "float32"},
+    # Unit tests: small vocabulary, odd shapes (query width != hidden, GQA 2).
+    "qwen3-test": {**_qwen3_hf(2, 64, 4, 96, False, 2), "vocab_size": 512, "num_key_value_heads": 2,
+                   "head_dim": 32, "torch_dtype": "float32"},
+}
+
+
+def preset(name: str, **runtime) -> Qwen3Config:
+    """A named preset (`qwen3-0.6b` ... `qwen3-32b`, `qwen3-tiny`, `qwen3-test`)."""
+    if name not in HF_PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known: {sorted(HF_PRESETS)}")
+    return Qwen3Config.from_hf(HF_PRESETS[name], **runtime)

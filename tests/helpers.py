@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 BASE_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -48,3 +50,21 @@ def forward(model, tokens, **kw) -> np.ndarray:
     from flax import nnx
 
     return np.asarray(nnx.jit(lambda m, t, kw: m(t, **kw))(model, np.asarray(tokens, np.int32), kw))
+
+
+def hf_tensors(folder) -> dict[str, np.ndarray]:
+    """Every tensor of an HF folder, read with the safetensors library itself."""
+    import safetensors.numpy
+
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            out.update(safetensors.numpy.load_file(os.path.join(folder, name)))
+    return out
+
+
+def assert_bit_exact(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert a[name].tobytes() == b[name].tobytes(), name

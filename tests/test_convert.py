@@ -10,28 +10,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
-from helpers import forward, hf_logits, hf_model, rel_err, save_hf_model
+from helpers import assert_bit_exact, forward, hf_logits, hf_model, hf_tensors, rel_err, save_hf_model
 
 from her_jax.convert.hf import ConversionError, load_hf, save_hf
 from her_jax.convert.safetensors_stream import (
     Entry, SafetensorsError, SafetensorsReader, StreamWriter, parse_size, plan_shards,
 )
-
-
-def hf_tensors(folder) -> dict[str, np.ndarray]:
-    """Every tensor of an HF folder, read with the safetensors library itself."""
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            out.update(safetensors.numpy.load_file(os.path.join(folder, name)))
-    return out
-
-
-def assert_bit_exact(a: dict, b: dict):
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
-        assert a[name].tobytes() == b[name].tobytes(), name
 
 
 @pytest.mark.parametrize("overrides", [

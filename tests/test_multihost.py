@@ -8,8 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
-from helpers import hf_logits, hf_model, rel_err, save_hf_model
-from test_convert import assert_bit_exact, hf_tensors
+from helpers import assert_bit_exact, hf_logits, hf_model, hf_tensors, rel_err, save_hf_model
 
 
 def free_port() -> int:

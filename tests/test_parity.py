@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import hf_logits, hf_model, forward, rel_err, save_hf_model
+from helpers import assert_bit_exact, forward, hf_logits, hf_model, hf_tensors, rel_err, save_hf_model
 
-from her_jax.convert.hf import load_hf
-from her_jax.model.config import Qwen3Config
+from her_jax.convert.hf import load_hf, save_hf
+from her_jax.model.config import ACTIVATIONS, ROPE_TYPES, Qwen3Config
 
 TOL = 1e-4
 
@@ -31,6 +31,14 @@ CONFIGS = {
                                              high_freq_factor=4.0, original_max_position_embeddings=16)),
     "linear_rope_tall": dict(num_hidden_layers=4, intermediate_size=32,
                              rope_parameters=dict(rope_type="linear", rope_theta=7000.0, factor=3.0)),
+    # Sequences longer than max_position_embeddings / the original length exercise the growth paths.
+    "dynamic_rope_grown": dict(max_position_embeddings=6, rope_parameters=dict(rope_type="dynamic", rope_theta=9000.0,
+                                                                                factor=2.5)),
+    "longrope_long": dict(head_dim=8, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=5, factor=4.0,
+        short_factor=[1.0, 1.1, 1.3, 2.0], long_factor=[1.0, 2.0, 4.0, 8.0])),
+    "proportional_partial": dict(hidden_act="quick_gelu", rope_parameters=dict(
+        rope_type="proportional", rope_theta=10000.0, partial_rotary_factor=0.5, factor=2.0)),
 }
 
 
@@ -58,12 +66,24 @@ def random_hf_config(rng) -> dict:
         num_key_value_heads=kv, num_attention_heads=kv * int(rng.choice([1, 2, 3, 4])),
         head_dim=int(rng.choice([4, 8, 12, 16, 32])), tie_word_embeddings=bool(rng.integers(2)),
         attention_bias=bool(rng.integers(2)), rms_norm_eps=float(10 ** rng.uniform(-7, -3)),
-        hidden_act=str(rng.choice(["silu", "gelu", "gelu_pytorch_tanh", "relu"])),
+        hidden_act=str(rng.choice(ACTIVATIONS)),
     )
     theta = float(10 ** rng.uniform(3, 6.5))
-    kind = rng.choice(["default", "linear", "yarn", "llama3"])
+    kind = rng.choice(ROPE_TYPES)
+    half = cfg["head_dim"] // 2
     if kind == "default":
         cfg["rope_parameters"] = dict(rope_type="default", rope_theta=theta)
+    elif kind == "proportional":
+        cfg["rope_parameters"] = dict(rope_type="proportional", rope_theta=theta, factor=float(rng.uniform(1, 4)),
+                                      partial_rotary_factor=float(rng.choice([0.25, 0.5, 1.0])))
+    elif kind == "dynamic":
+        cfg["max_position_embeddings"] = int(rng.integers(4, 20))
+        cfg["rope_parameters"] = dict(rope_type="dynamic", rope_theta=theta, factor=float(rng.uniform(1, 8)))
+    elif kind == "longrope":
+        cfg["rope_parameters"] = dict(rope_type="longrope", rope_theta=theta, factor=float(rng.uniform(1, 8)),
+                                      original_max_position_embeddings=int(rng.integers(4, 20)),
+                                      short_factor=rng.uniform(1, 2, half).tolist(),
+                                      long_factor=rng.uniform(1, 16, half).tolist())
     elif kind == "linear":
         cfg["rope_parameters"] = dict(rope_type="linear", rope_theta=theta, factor=float(rng.uniform(1, 8)))
     elif kind == "yarn":
@@ -79,11 +99,18 @@ def random_hf_config(rng) -> dict:
     return cfg
 
 
-@pytest.mark.parametrize("draw", range(4))
-def test_random_configs_match_transformers(tmp_path, rng, draw):
+@pytest.mark.parametrize("draw", range(6))
+def test_random_configs_match_transformers_and_round_trip(tmp_path, rng, draw):
+    from transformers import Qwen3ForCausalLM
+
     cfg = random_hf_config(rng)
     print("config", cfg)
-    check_parity(tmp_path, rng, seed=draw, length=int(rng.integers(3, 17)), **cfg)
+    model, hf, _ = check_parity(tmp_path, rng, seed=draw, length=int(rng.integers(3, 17)), **cfg)
+    out = save_hf(model, tmp_path / "out", progress=False)
+    assert_bit_exact(hf_tensors(tmp_path / "hf"), hf_tensors(out))
+    tokens = rng.integers(0, cfg["vocab_size"], (1, 9))
+    np.testing.assert_array_equal(hf_logits(Qwen3ForCausalLM.from_pretrained(out).eval(), tokens),
+                                  hf_logits(hf, tokens))
 
 
 # Each field of Qwen3Config, perturbed: the HF config change that exercises it.

@@ -23,12 +23,14 @@ class ConfigError(ValueError):
 
 DTYPES = ("float32", "bfloat16", "float16")
 
-# Activation names accepted in `hidden_act` (the subset of transformers' ACT2FN that makes sense
-# for a SwiGLU-style gate); the model maps each to its JAX function.
-ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "tanh", "sigmoid")
+# `hidden_act` values: transformers' ACT2FN entries without learned parameters (prelu and xielu
+# have weights of their own, which no Qwen3 checkpoint carries).
+ACTIVATIONS = ("silu", "swish", "gelu", "gelu_python", "gelu_new", "gelu_fast", "gelu_accurate", "gelu_pytorch_tanh",
+               "gelu_python_tanh", "gelu_10", "quick_gelu", "laplace", "mish", "relu", "relu2", "relu6", "leaky_relu",
+               "hardswish", "sqrtsoftplus", "sigmoid", "tanh", "linear")
 
-# RoPE variants whose inverse frequencies do not depend on the sequence length.
-ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+# Every RoPE type transformers offers Qwen3 ('dynamic' and 'longrope' depend on the call's length).
+ROPE_TYPES = ("default", "linear", "proportional", "llama3", "yarn", "dynamic", "longrope")
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 
@@ -97,8 +99,7 @@ class Qwen3Config:
         need(self.head_dim % 2 == 0, "head_dim", "RoPE needs an even head_dim")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "expected > 0")
         need(self.rope_theta > 0, "rope_theta", "expected > 0")
-        need(self.rope_type in ROPE_TYPES, "rope_type",
-             f"supported RoPE types are {ROPE_TYPES} (sequence-length dependent variants are not)")
+        need(self.rope_type in ROPE_TYPES, "rope_type", f"supported RoPE types are {ROPE_TYPES}")
         need(self.hidden_act in ACTIVATIONS, "hidden_act", f"expected one of {ACTIVATIONS}")
         need(self.param_dtype in DTYPES, "param_dtype", f"expected one of {DTYPES}")
         need(self.dtype in DTYPES, "dtype", f"expected one of {DTYPES}")
@@ -197,12 +198,8 @@ class Qwen3Config:
                               "(looked in 'rope_parameters' and at the top level)")
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
         rope.pop("rope_theta", None)
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ConfigError(f"{where}: rope partial_rotary_factor={rope['partial_rotary_factor']} is not "
-                              "supported by Qwen3 (RoPE covers the whole head)")
-        rope.pop("partial_rotary_factor", None)
         max_pos = req("max_position_embeddings", int)
-        if rope_type in ("yarn", "llama3"):
+        if rope_type in ("yarn", "llama3", "longrope"):
             rope.setdefault("original_max_position_embeddings", max_pos)
 
         n_layers = req("num_hidden_layers", int)
@@ -289,28 +286,46 @@ class Qwen3Config:
 
 
 # ------------------------------------------------------------------------------------------------
-# RoPE: inverse frequencies and the cos/sin scale, computed on the host (they depend only on the
-# config) the way transformers computes them.
+# RoPE: inverse frequencies and the cos/sin scale, computed the way transformers computes them for
+# Qwen3 (float32). Most types depend only on the config; 'dynamic' and 'longrope' also depend on
+# the longest position of the call, which may be a traced value.
 
-def rope_params(config: Qwen3Config) -> tuple[np.ndarray, float]:
-    """(inv_freq [head_dim // 2] float32, attention_scaling) for `config`'s RoPE."""
+def rope_params(config: Qwen3Config, seq_len=None):
+    """(inv_freq [head_dim // 2] float32, attention_scaling) for `config`'s RoPE.
+
+    seq_len: max position + 1 over the call (needed by 'dynamic' and 'longrope'; None means
+    "within the original context"). Returns a numpy array unless seq_len is a jax value.
+    """
+    import jax.numpy as jnp
+
     dim = config.head_dim
     base = config.rope_theta
     p = dict(config.rope_scaling)
+    kind = config.rope_type
 
-    def get(key: str, default=None, required=True):
-        if key in p and p[key] is not None:
+    def get(key: str, default=None):
+        if p.get(key) is not None:
             return p[key]
-        if required and default is None:
-            raise ConfigError(f"rope_parameters: rope_type '{config.rope_type}' needs '{key}'")
+        if default is None:
+            raise ConfigError(f"rope_parameters: rope_type '{kind}' needs '{key}'")
         return default
 
+    partial = float(p.get("partial_rotary_factor", 1.0))
+    # transformers' own Qwen3 default RoPE ignores partial_rotary_factor; 'proportional' honours it
+    # with zero frequencies; every other type would shorten the tables and fail in the model.
+    if partial != 1.0 and kind not in ("default", "proportional"):
+        raise ConfigError(f"rope_parameters: partial_rotary_factor={partial} with rope_type '{kind}' gives RoPE "
+                          f"tables shorter than head_dim={dim}")
     exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
     inv_freq = (1.0 / np.power(np.float32(base), exponents, dtype=np.float32)).astype(np.float32)
     scaling = 1.0
-    if config.rope_type == "linear":
+    if kind == "linear":
         inv_freq = inv_freq / np.float32(get("factor"))
-    elif config.rope_type == "llama3":
+    elif kind == "proportional":
+        angles = int(partial * dim // 2)
+        inv_freq = np.concatenate([inv_freq[:angles], np.zeros(dim // 2 - angles, np.float32)])
+        inv_freq = inv_freq / np.float32(p.get("factor") or 1.0)
+    elif kind == "llama3":
         factor = float(get("factor"))
         low, high = float(get("low_freq_factor")), float(get("high_freq_factor"))
         old_len = float(get("original_max_position_embeddings"))
@@ -320,25 +335,23 @@ def rope_params(config: Qwen3Config) -> tuple[np.ndarray, float]:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
-    elif config.rope_type == "yarn":
+    elif kind == "yarn":
         original = get("original_max_position_embeddings")
         factor = float(get("factor"))
 
         def mscale(scale, m=1.0):
             return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
-        scaling = get("attention_factor", required=False)
+        scaling = p.get("attention_factor")
         if scaling is None:
             m, m_all = p.get("mscale"), p.get("mscale_all_dim")
             scaling = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
         scaling = float(scaling)
-        beta_fast = p.get("beta_fast") or 32
-        beta_slow = p.get("beta_slow") or 1
 
         def correction_dim(rotations):
             return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-        lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+        lo, hi = correction_dim(p.get("beta_fast") or 32), correction_dim(p.get("beta_slow") or 1)
         if p.get("truncate", True):
             lo, hi = math.floor(lo), math.ceil(hi)
         lo, hi = max(lo, 0), min(hi, dim - 1)
@@ -349,6 +362,26 @@ def rope_params(config: Qwen3Config) -> tuple[np.ndarray, float]:
         pos_freqs = np.power(np.float32(base), exponents, dtype=np.float32)
         inv_freq = (1.0 / (factor * pos_freqs) * (1 - extrapolation)
                     + 1.0 / pos_freqs * extrapolation).astype(np.float32)
+    elif kind == "dynamic":
+        factor = float(get("factor"))
+        if seq_len is not None:  # NTK-aware base growth beyond max_position_embeddings
+            max_pos = config.max_position_embeddings
+            seq = jnp.maximum(jnp.asarray(seq_len, jnp.float32), jnp.float32(max_pos))
+            grown = base * ((factor * seq / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+            inv_freq = 1.0 / jnp.power(grown.astype(jnp.float32), jnp.asarray(exponents))
+    elif kind == "longrope":
+        original = get("original_max_position_embeddings")
+        short, long = (np.asarray(get(k), np.float32) for k in ("short_factor", "long_factor"))
+        for name, f in (("short_factor", short), ("long_factor", long)):
+            if f.shape != (dim // 2,):
+                raise ConfigError(f"rope_parameters: longrope {name} has {f.size} entries, head_dim {dim} needs {dim // 2}")
+        factor = p.get("factor") or config.max_position_embeddings / original
+        scaling = p.get("attention_factor")
+        if scaling is None:
+            scaling = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+        scaling = float(scaling)
+        ext = short if seq_len is None else jnp.where(jnp.asarray(seq_len) > original, long, short)
+        inv_freq = 1.0 / (ext * np.power(np.float32(base), exponents, dtype=np.float32))
     return inv_freq, scaling
 
 

@@ -24,16 +24,21 @@ from her_jax.kernels.dual_view_attention import dense_attention, visibility_mask
 from her_jax.model.config import Qwen3Config, rope_params
 from her_jax.parallel.rules import DEFAULT_RULES, Rules, constrain
 
+_GELU_TANH = functools.partial(jax.nn.gelu, approximate=True)
+_GELU = functools.partial(jax.nn.gelu, approximate=False)
 _ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-    "tanh": jnp.tanh,
-    "sigmoid": jax.nn.sigmoid,
+    "silu": jax.nn.silu, "swish": jax.nn.silu,
+    "gelu": _GELU, "gelu_python": _GELU,
+    "gelu_new": _GELU_TANH, "gelu_fast": _GELU_TANH, "gelu_accurate": _GELU_TANH, "gelu_pytorch_tanh": _GELU_TANH,
+    "gelu_python_tanh": _GELU_TANH,
+    "gelu_10": lambda x: jnp.clip(_GELU(x), -10, 10),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "laplace": lambda x: 0.5 * (1.0 + jax.lax.erf((x - 0.707107) / (0.282095 * np.sqrt(2.0)))),
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "relu": jax.nn.relu, "relu2": lambda x: jnp.square(jax.nn.relu(x)), "relu6": jax.nn.relu6,
+    "leaky_relu": jax.nn.leaky_relu, "hardswish": jax.nn.hard_swish,
+    "sqrtsoftplus": lambda x: jnp.sqrt(jax.nn.softplus(x)),
+    "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "linear": lambda x: x,
 }
 
 _REMAT = {
@@ -57,7 +62,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 def rope_tables(config: Qwen3Config, positions_bt: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     """cos, sin: [B, T, head_dim] in `dtype` (rotate-half layout, as HF)."""
-    inv_freq, scaling = rope_params(config)
+    seq_len = jnp.max(positions_bt) + 1 if config.rope_type in ("dynamic", "longrope") else None
+    inv_freq, scaling = rope_params(config, seq_len)
     freqs = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return (jnp.cos(emb) * scaling).astype(dtype), (jnp.sin(emb) * scaling).astype(dtype)

@@ -117,6 +117,10 @@ def test_json_round_trip_keeps_everything():
     back = Qwen3Config.from_json_dict(json.loads(json.dumps(c.to_json_dict())))
     assert back == c and back.hf_extra == c.hf_extra and back.remat == "dots"
     assert back.layer_windows == (0, 3)
+    longrope = Qwen3Config.from_hf({**HF_PRESETS["qwen3-test"], "head_dim": 8, "rope_scaling": {
+        "rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [1.0, 2.0, 4.0, 8.0]}})
+    assert hash(longrope) == hash(Qwen3Config.from_json_dict(json.loads(json.dumps(longrope.to_json_dict()))))
+    assert longrope.to_hf()["rope_parameters"]["long_factor"] == [1.0, 2.0, 4.0, 8.0]
     with pytest.raises(ConfigError, match="unknown Qwen3Config fields"):
         Qwen3Config.from_json_dict({**c.to_json_dict(), "rope_thetaa": 1.0})
 

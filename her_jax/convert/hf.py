@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from her_jax.convert.safetensors_stream import (
@@ -31,7 +31,7 @@ from her_jax.convert.safetensors_stream import (
 from her_jax.data.tokenizer import tokenizer_files
 from her_jax.model.config import Qwen3Config
 from her_jax.model.qwen3 import Qwen3, abstract_model
-from her_jax.parallel.rules import DEFAULT_RULES, Rules, logical_to_spec
+from her_jax.parallel.rules import DEFAULT_RULES, Rules, state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,8 @@ def export_plan(config: Qwen3Config) -> list[tuple[Rule, str, int | None]]:
     return plan
 
 
-def _variable(state: nnx.State, path: str) -> nnx.Variable:
+def _variable(state: nnx.State, path: str):
+    """The node at `path` ('layers/mlp/up_proj') of a parameter state (or of its shardings)."""
     node = state
     for key in path.split("/"):
         node = node[key]
@@ -185,14 +186,6 @@ def _to_host(array: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-
-
-def _sharding(var: nnx.Variable, mesh, rules: Rules, name: str):
-    if mesh is None:
-        return SingleDeviceSharding(jax.local_devices()[0])
-    spec = logical_to_spec(var.get_metadata()["logical_axes"], var.get_value().shape, mesh, rules,
-                           what=f"parameter '{name}'")
-    return NamedSharding(mesh, spec)
 
 
 def _drop_leading(sharding):
@@ -243,12 +236,13 @@ def load_hf(path: str | os.PathLike, mesh=None, dtype=None, *, compute_dtype=Non
                               f"{config.attention_bias}, tied={config.tie_word_embeddings}), e.g. {unused[:5]}")
 
     graphdef, state = nnx.split(abstract_model(config, rules))
+    shardings = state_shardings(state, mesh, rules)
     total = sum(len(hf_names(r, config)) for r in rules_used)
     bar = tqdm(total=total, desc="load_hf", unit="tensor", disable=not progress or jax.process_index() != 0)
     for rule in rules_used:
         var = _variable(state, rule.ours)
         shape, param_dtype = var.get_value().shape, var.get_value().dtype
-        sharding = _sharding(var, mesh, rules, rule.ours)
+        sharding = _variable(shardings, rule.ours)
         per_layer = shape[1:] if rule.stacked else shape
 
         def read(name):

@@ -1,7 +1,7 @@
 """Attention under the dual-view visibility predicate (DESIGN.md §4).
 
 Query i may attend key j iff `j <= i` (packed order) and `doc_j == doc_i` and
-(`view_j == 0` or `view_j == view_i`), and, for sliding-window layers, `pos_i - pos_j < window`.
+(`view_j == 0` or `view_j == view_i`).
 This module holds the dense XLA reference; the flash kernels build on the same predicate.
 """
 
@@ -13,22 +13,17 @@ import jax.numpy as jnp
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def visibility_mask(q_idx, k_idx, q_doc, k_doc, q_view, k_view, q_pos=None, k_pos=None, window=None):
+def visibility_mask(q_idx, k_idx, q_doc, k_doc, q_view, k_view):
     """Boolean [B, T, S]: which key each query may see.
 
     q_idx: [T] or [B, T] packed index of each query; k_idx: [S] or [B, S];
-    q_doc, q_view, q_pos: [B, T] int32; k_doc, k_view, k_pos: [B, S] int32;
-    window: None, or an int32 scalar (0 = unlimited) compared on positions.
+    q_doc, q_view: [B, T] int32; k_doc, k_view: [B, S] int32.
     """
     q_idx = jnp.broadcast_to(q_idx, q_doc.shape)[:, :, None]
     k_idx = jnp.broadcast_to(k_idx, k_doc.shape)[:, None, :]
     k_view = k_view[:, None, :]
-    visible = (k_idx <= q_idx) & (k_doc[:, None, :] == q_doc[:, :, None]) & (
+    return (k_idx <= q_idx) & (k_doc[:, None, :] == q_doc[:, :, None]) & (
         (k_view == 0) | (k_view == q_view[:, :, None]))
-    if window is not None:
-        in_window = (q_pos[:, :, None] - k_pos[:, None, :]) < window
-        visible &= (window <= 0) | in_window
-    return visible
 
 
 def dense_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array,

@@ -50,6 +50,15 @@ _HF_MODELLED = {
 }
 
 
+def _frozen_items(d: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    """Sorted (key, value) pairs with lists as tuples, so the config stays hashable."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in dict(d or {}).items()))
+
+
+def _thawed(items: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in items}
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen3Config:
     """A dense Qwen3 decoder.
@@ -115,10 +124,6 @@ class Qwen3Config:
 
     # ----------------------------------------------------------------------------------------
     @property
-    def num_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
     def layer_windows(self) -> tuple[int, ...]:
         """Per-layer attention window in positions (0 = unlimited)."""
         types = self.layer_types or ("full_attention",) * self.num_hidden_layers
@@ -130,14 +135,14 @@ class Qwen3Config:
     def arch_dict(self) -> dict[str, Any]:
         """The fields that define the network, JSON-ready (used to refuse mismatched checkpoints)."""
         out = {f: getattr(self, f) for f in ARCH_FIELDS}
-        out["rope_scaling"] = dict(self.rope_scaling)
+        out["rope_scaling"] = _thawed(self.rope_scaling)
         out["layer_types"] = list(self.layer_types)
         return out
 
     def to_json_dict(self) -> dict[str, Any]:
         """Everything, JSON-ready; `from_json_dict` inverts it."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["rope_scaling"] = dict(self.rope_scaling)
+        out["rope_scaling"] = _thawed(self.rope_scaling)
         out["layer_types"] = list(self.layer_types)
         out["hf_extra"] = dict(self.hf_extra)
         out["generation_config"] = dict(self.generation_config)
@@ -150,7 +155,7 @@ class Qwen3Config:
         if unknown:
             raise ConfigError(f"unknown Qwen3Config fields {unknown}")
         d = dict(d)
-        d["rope_scaling"] = tuple(sorted(dict(d.get("rope_scaling") or {}).items()))
+        d["rope_scaling"] = _frozen_items(d.get("rope_scaling"))
         d["layer_types"] = tuple(d.get("layer_types") or ())
         return cls(**d)
 
@@ -230,7 +235,7 @@ class Qwen3Config:
                 tie_word_embeddings=req("tie_word_embeddings", bool),
                 max_position_embeddings=max_pos,
                 rope_type=rope_type,
-                rope_scaling=tuple(sorted(rope.items())),
+                rope_scaling=_frozen_items(rope),
                 attention_bias=bool(hf.get("attention_bias", False)),
                 hidden_act=hf.get("hidden_act", "silu"),
                 sliding_window=sliding,
@@ -244,7 +249,7 @@ class Qwen3Config:
 
     def to_hf(self, torch_dtype: str | None = None) -> dict[str, Any]:
         """A transformers-5 `config.json` dict; keys we do not model come back from `hf_extra`."""
-        rope = {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **dict(self.rope_scaling)}
+        rope = {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **_thawed(self.rope_scaling)}
         layer_types = list(self.layer_types or ("full_attention",) * self.num_hidden_layers)
         sliding = "sliding_attention" in layer_types
         hf = {

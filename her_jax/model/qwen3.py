@@ -49,6 +49,17 @@ _REMAT = {
 }
 
 
+def _concrete(x) -> np.ndarray | None:
+    """x as a numpy value, or None while tracing or when x spans other processes' devices
+    (checks that need values run only where the values are at hand)."""
+    try:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return None
+        return np.asarray(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+
+
 def _param(init, key, shape, dtype, axes) -> nnx.Param:
     return nnx.Param(init(key, shape, dtype), logical_axes=axes)
 
@@ -262,8 +273,9 @@ class Qwen3(nnx.Module):
         (logits [B, T, V] float32, updated cache). Positions default to length + 0..T-1.
         """
         start = cache.length
-        if not isinstance(start, jax.core.Tracer) and int(start) + np.shape(tokens)[1] > cache.capacity:
-            raise ValueError(f"KV cache overflow: {int(start)} slots used + {np.shape(tokens)[1]} new tokens > "
+        used = _concrete(start)
+        if used is not None and int(used) + np.shape(tokens)[1] > cache.capacity:
+            raise ValueError(f"KV cache overflow: {int(used)} slots used + {np.shape(tokens)[1]} new tokens > "
                              f"capacity {cache.capacity}")
         tokens, positions, doc_ids, view_ids = self._check_inputs(tokens, positions, doc_ids, view_ids, offset=start)
         t = tokens.shape[1]
@@ -281,8 +293,9 @@ class Qwen3(nnx.Module):
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens: expected int ids of shape [B, T], found {tokens.dtype}{list(tokens.shape)}")
-        if not isinstance(tokens, jax.core.Tracer) and tokens.size:
-            lo, hi = int(tokens.min()), int(tokens.max())
+        ids = _concrete(tokens)
+        if ids is not None and ids.size:  # outside jit: out-of-range ids would silently gather garbage
+            lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"tokens: ids must lie in [0, {self.config.vocab_size}), found range [{lo}, {hi}]")
         shape = tokens.shape
@@ -300,12 +313,12 @@ class Qwen3(nnx.Module):
         return tuple(out)
 
     def _masks(self, q_idx, k_idx, q_doc, k_doc, q_view, k_view, q_pos, k_pos):
-        """(full-attention mask, sliding-window mask or None), each [B, T, S] bool."""
+        """(full-attention mask, sliding-window mask or None), each [B, T, S] bool. The window
+        counts positions, so a packed or dual-view row slides as its single-turn samples would."""
         full = visibility_mask(q_idx, k_idx, q_doc, k_doc, q_view, k_view)
-        window = self.config.sliding_window
         if not any(self.config.layer_windows):
             return full, None
-        return full, full & ((q_pos[:, :, None] - k_pos[:, None, :]) < window)
+        return full, full & ((q_pos[:, :, None] - k_pos[:, None, :]) < self.config.sliding_window)
 
     def _backbone(self, tokens, positions, masks, kv_cache, start):
         c = self.config

@@ -115,3 +115,15 @@ def test_mesh_config_errors():
         MeshConfig(data=-1, fsdp=-1).resolve(8)
     with pytest.raises(ValueError, match="not divisible"):
         MeshConfig(data=3, fsdp=-1).resolve(8)
+
+
+def test_distributed_init_needs_nothing_for_one_process(monkeypatch):
+    from her_jax.parallel import initialize_distributed
+
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
+    assert initialize_distributed() is False
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    with pytest.raises(ValueError, match="needs num_processes and process_id"):
+        initialize_distributed()

@@ -63,7 +63,7 @@ def restore_tokenizer(path: str | os.PathLike, out_dir: str | os.PathLike) -> li
         files = ckptr.restore(path, args=ocp.args.Composite(**{TOKENIZER: ocp.args.JsonRestore()}))[TOKENIZER]
     os.makedirs(out_dir, exist_ok=True)
     for name, text in files.items():
-        with open(os.path.join(os.fspath(out_dir), name), "w", encoding="utf-8") as f:
+        with open(os.path.join(os.fspath(out_dir), os.path.basename(name)), "w", encoding="utf-8") as f:
             f.write(text)
     return sorted(files)
 

@@ -24,7 +24,7 @@ def rng(request):
     return np.random.default_rng(seed)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data():
     path = os.path.join(SHARED, "data")
     if not os.path.isdir(path):

@@ -300,6 +300,8 @@ def rope_params(config: Qwen3Config, seq_len=None):
 
     seq_len: max position + 1 over the call (needed by 'dynamic' and 'longrope'; None means
     "within the original context"). Returns a numpy array unless seq_len is a jax value.
+    Unlike transformers' dynamic RoPE, which keeps the frequencies of the longest call a model
+    object has seen, this depends on the current call only (= transformers on a fresh model).
     """
     import jax.numpy as jnp
 

@@ -211,3 +211,18 @@ def test_cli_inspect_prepare_show(tmp_path, capsys):
     assert 'title="system_thinking"' in (tmp_path / "s.html").read_text()
     assert main(["show", "sample", "--index", "9999"]) == 1
     assert main(["inspect", str(tmp_path / "missing.jsonl")]) == 1
+
+
+def test_rendering_does_not_depend_on_the_hash_seed(shared_data):
+    import subprocess
+    import sys
+
+    code = ("import hashlib, sys; from her_jax.data.sources import load; h = hashlib.sha256()\n"
+            "for _, cs in load(sys.argv[1:])[0]:\n"
+            "    for c in cs:\n"
+            "        for m in c.messages: h.update((m.content or m.turn.render()).encode())\n"
+            "print(h.hexdigest())")
+    files = [os.path.join(shared_data, "coser", "test_set.json"), os.path.join(shared_data, "coser", "final")]
+    digests = {subprocess.run([sys.executable, "-c", code, *files], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2)}
+    assert len(digests) == 1

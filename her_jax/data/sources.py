@@ -263,7 +263,7 @@ def _coser_test_scene(unit: Unit) -> list[Conversation]:
     thoughts = {k.get("name"): k.get("thought") or k.get("motivation") or ""
                 for k in d.get("key_characters") or [] if isinstance(k, Mapping)}
     names = list(d.get("major_characters") or thoughts)
-    characters = {n: Character(str(profiles.get(n, "")), str(thoughts.get(n, ""))) for n in {*names, *profiles}}
+    characters = {n: Character(str(profiles.get(n, "")), str(thoughts.get(n, ""))) for n in dict.fromkeys([*names, *profiles])}
     plot = d.get("plot") if isinstance(d.get("plot"), Mapping) else {}
     return _coser_scene(uid, _need(d, "dialogues", list, uid), characters, names, str(d.get("book", "")),
                         str(d.get("scenario", "")), str(plot.get("summary", "")))
@@ -277,7 +277,7 @@ def _coser_book(unit: Unit) -> list[Conversation]:
     motivations = {k.get("name"): k.get("motivation", "") for k in conv.get("key_characters") or []
                    if isinstance(k, Mapping)}
     characters = {}
-    for name in {*motivations, *d["descriptions"]}:
+    for name in dict.fromkeys([*motivations, *d["descriptions"]]):  # ordered: prompts must be reproducible
         info = d["descriptions"].get(name) or {}
         profile = "\n".join(x for x in (f"description: {info['description']}" if info.get("description") else "",
                                         str(d["profiles"].get(name, "")).strip(),

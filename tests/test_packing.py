@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from her_jax.data.format import LAYER_ID, FormatError, Utterance, parse_turn
 from her_jax.data.packing import (

@@ -244,19 +244,7 @@ def load_hf(path: str | os.PathLike, mesh=None, dtype=None, *, compute_dtype=Non
         shape, param_dtype = var.get_value().shape, var.get_value().dtype
         sharding = _variable(shardings, rule.ours)
         per_layer = shape[1:] if rule.stacked else shape
-
-        def read(name):
-            info = reader.tensors[name]
-            want = hf_shape(rule.layout, per_layer)
-            if info.shape != want:
-                raise ConversionError(f"{info.file}: tensor '{name}' has shape {list(info.shape)}, the config "
-                                      f"needs {list(want)}")
-            if info.dtype not in ("F64", "F32", "F16", "BF16"):
-                raise ConversionError(f"{info.file}: tensor '{name}' has dtype {info.dtype}, expected a float type")
-            host = to_ours(rule.layout, reader.read(name), per_layer).astype(param_dtype, copy=False)
-            bar.update()
-            return host
-
+        read = functools.partial(_read_tensor, reader, rule.layout, per_layer, param_dtype, bar)
         if rule.stacked:
             value = _zeros_fn(shape, param_dtype, sharding)()
             layer_sharding, set_layer = _drop_leading(sharding), _set_layer_fn(sharding)
@@ -267,6 +255,19 @@ def load_hf(path: str | os.PathLike, mesh=None, dtype=None, *, compute_dtype=Non
         var.set_value(value)
     bar.close()
     return nnx.merge(graphdef, state)
+
+
+def _read_tensor(reader: SafetensorsReader, layout: str, per_layer, dtype, bar, name: str) -> np.ndarray:
+    """One HF tensor, checked against the shape the config needs, in our layout and dtype."""
+    info = reader.tensors[name]
+    want = hf_shape(layout, per_layer)
+    if info.shape != want:
+        raise ConversionError(f"{info.file}: tensor '{name}' has shape {list(info.shape)}, the config needs {list(want)}")
+    if info.dtype not in ("F64", "F32", "F16", "BF16"):
+        raise ConversionError(f"{info.file}: tensor '{name}' has dtype {info.dtype}, expected a float type")
+    host = to_ours(layout, reader.read(name), per_layer).astype(dtype, copy=False)
+    bar.update()
+    return host
 
 
 def _read_json(path: str) -> dict:

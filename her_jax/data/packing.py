@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from her_jax.data.format import LAYER_ID, LAYERS, FormatError
+from her_jax.data.format import LAYERS, FormatError
 from her_jax.data.render import RenderedConversation, RenderedTurn, Tokens
 
 FEATURES = ("tokens", "targets", "loss_weights", "layer_ids", "view_ids", "positions")
@@ -191,7 +191,6 @@ def pack(seqs: Iterable[dict[str, np.ndarray]], seq_len: int, *, num_bins: int =
     doc_ids number the sequences of a row from 1 (0 = padding). Sequences must fit (see
     `sequences(max_len=...)`); one that does not is an error, never truncated."""
     import grain
-    from grain.experimental import FirstFitPackIterDataset
 
     def check(s):
         if len(s["tokens"]) > seq_len:

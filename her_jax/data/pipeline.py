@@ -10,14 +10,13 @@ truncated.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import numpy as np
 
 from her_jax.data.format import FormatError
 from her_jax.data.packing import MODES, LayerWeights, pack_dataset, sequences
 from her_jax.data.render import Renderer
-from her_jax.data.sources import Report, Unit, iter_units, unit_conversations
+from her_jax.data.sources import Report, Unit, unit_conversations, valid_units
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +95,7 @@ class Pipeline:
         self.config = config
         self.local_batch = config.batch_size // process_count
         self.report = Report()
-        units = self._valid_units(config.sources)
+        units = [unit for unit, _ in valid_units(list(config.sources), self.report)]
         if not units:
             raise ValueError(f"no usable data in {list(config.sources)}: {self.report.to_json()}")
         self.num_units = len(units)
@@ -114,26 +113,12 @@ class Pipeline:
                             seed=config.seed)
         self.dataset = rows.batch(self.local_batch, drop_remainder=True)
 
-    def _valid_units(self, sources: Sequence[str]) -> list[Unit]:
-        units = []
-        for unit in iter_units(list(sources), self.report):
-            try:
-                convs = unit_conversations(unit)
-            except FormatError as e:
-                self.report.reject(e)
-                continue
-            self.report.conversations += len(convs)
-            self.report.turns += sum(c.num_turns for c in convs)
-            units.append(unit)
-        return units
-
     def __iter__(self):
         """A grain DatasetIterator: `get_state()` / `set_state(state)` checkpoint and restore it."""
         return iter(self.dataset)
 
 
 def _flatten(ds):
-    import grain
     from grain.experimental import FlatMapIterDataset, FlatMapTransform
 
     class Flatten(FlatMapTransform):

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from her_jax.data.sources import Report, Unit, iter_units, unit_conversations
+from her_jax.data.sources import Report, Unit, valid_units
 
 MARKER = "her_jax_prepared.json"
 
@@ -52,20 +52,8 @@ def _builder_class():
 
 def prepare(paths, out_dir: str) -> Report:
     """Validate `paths` and write the accepted units to `out_dir` (TFDS, array_record)."""
-    report, units = Report(), []
-    for unit in iter_units(paths, report):
-        try:
-            convs = unit_conversations(unit)
-        except Exception as e:  # FormatError: counted, the unit is left out
-            from her_jax.data.format import FormatError
-
-            if not isinstance(e, FormatError):
-                raise
-            report.reject(e)
-            continue
-        report.conversations += len(convs)
-        report.turns += sum(c.num_turns for c in convs)
-        units.append(unit)
+    report = Report()
+    units = [unit for unit, _ in valid_units(paths, report)]
     builder = _builder_class()(units=units, data_dir=os.path.abspath(out_dir))
     with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress; stdout stays ours
         builder.download_and_prepare()

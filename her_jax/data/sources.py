@@ -222,39 +222,31 @@ def _scene_targets(uid, utterances, candidates, explicit=None) -> tuple[str, ...
     return targets
 
 
+def _scene(uid: str, items, speaker_key: str, text_key: str, characters: Mapping[str, Character], candidates,
+           explicit_targets=None, **context) -> list[Conversation]:
+    """Conversations of a scene given as a list of {speaker_key, text_key} objects."""
+    utterances = []
+    for i, t in enumerate(items):
+        if not isinstance(t, Mapping):
+            raise FormatError("missing_field", f"turn {i} should be an object with {speaker_key} and {text_key}",
+                              record=uid)
+        utterances.append(_utterance(t.get(speaker_key), t.get(text_key), uid, i))
+    if not utterances:
+        raise FormatError("empty_record", "scene has no turns", record=uid)
+    targets = _scene_targets(uid, utterances, candidates, explicit_targets)
+    return Scene(uid, tuple(utterances), characters, targets=targets, **context).conversations()
+
+
 def _her_jax(unit: Unit) -> list[Conversation]:
     d, uid = unit.data, unit.id
-    turns = _need(d, "turns", list, uid)
-    chars = _need(d, "characters", Mapping, uid)
     characters = {}
-    for name, info in chars.items():
+    for name, info in _need(d, "characters", Mapping, uid).items():
         if not isinstance(info, Mapping):
             raise FormatError("missing_field", f"character {name!r} should map to an object", record=uid)
         characters[name] = Character(str(info.get("profile", "")), str(info.get("inner_thoughts", "")))
-    utterances = []
-    for i, t in enumerate(turns):
-        if not isinstance(t, Mapping):
-            raise FormatError("missing_field", f"turn {i} should be an object with speaker and text", record=uid)
-        utterances.append(_utterance(t.get("speaker"), t.get("text"), uid, i))
-    if not utterances:
-        raise FormatError("empty_record", "record has no turns", record=uid)
-    targets = _scene_targets(uid, utterances, list(characters), d.get("targets"))
-    scene = Scene(uid, tuple(utterances), characters, book=str(d.get("book", "")), scenario=str(d.get("scenario", "")),
-                  background=str(d.get("background", "")), targets=targets)
-    return scene.conversations()
-
-
-def _coser_scene(uid: str, dialogues, characters, targets, book, scenario, background) -> list[Conversation]:
-    utterances = []
-    for i, t in enumerate(dialogues):
-        if not isinstance(t, Mapping):
-            raise FormatError("missing_field", f"dialogue {i} should be an object", record=uid)
-        utterances.append(_utterance(t.get("character"), t.get("message"), uid, i))
-    if not utterances:
-        raise FormatError("empty_record", "scene has no dialogue", record=uid)
-    scene = Scene(uid, tuple(utterances), characters, book=book, scenario=scenario, background=background,
-                  targets=_scene_targets(uid, utterances, targets))
-    return scene.conversations()
+    return _scene(uid, _need(d, "turns", list, uid), "speaker", "text", characters, list(characters),
+                  d.get("targets"), book=str(d.get("book", "")), scenario=str(d.get("scenario", "")),
+                  background=str(d.get("background", "")))
 
 
 def _coser_test_scene(unit: Unit) -> list[Conversation]:
@@ -265,8 +257,9 @@ def _coser_test_scene(unit: Unit) -> list[Conversation]:
     names = list(d.get("major_characters") or thoughts)
     characters = {n: Character(str(profiles.get(n, "")), str(thoughts.get(n, ""))) for n in dict.fromkeys([*names, *profiles])}
     plot = d.get("plot") if isinstance(d.get("plot"), Mapping) else {}
-    return _coser_scene(uid, _need(d, "dialogues", list, uid), characters, names, str(d.get("book", "")),
-                        str(d.get("scenario", "")), str(plot.get("summary", "")))
+    return _scene(uid, _need(d, "dialogues", list, uid), "character", "message", characters, names,
+                  book=str(d.get("book", "")), scenario=str(d.get("scenario", "")),
+                  background=str(plot.get("summary", "")))
 
 
 def _coser_book(unit: Unit) -> list[Conversation]:
@@ -283,8 +276,8 @@ def _coser_book(unit: Unit) -> list[Conversation]:
                                         str(d["profiles"].get(name, "")).strip(),
                                         f"experience: {info['experience']}" if info.get("experience") else "") if x)
         characters[name] = Character(profile, str(motivations.get(name, "")))
-    return _coser_scene(uid, _need(conv, "dialogues", list, uid), characters, list(motivations), d["book"],
-                        str(conv.get("scenario", "")), str(d["background"]))
+    return _scene(uid, _need(conv, "dialogues", list, uid), "character", "message", characters, list(motivations),
+                  book=d["book"], scenario=str(conv.get("scenario", "")), background=str(d["background"]))
 
 
 _PORTRAY = re.compile(r"^(?:You are|You will be portraying|You are roleplaying as|You are role-playing as)\s+"
@@ -413,9 +406,8 @@ def unit_conversations(unit: Unit) -> list[Conversation]:
         raise FormatError("malformed_record", f"{type(e).__name__}: {e}", record=unit.id) from None
 
 
-def load(paths) -> tuple[list[tuple[Unit, list[Conversation]]], Report]:
-    """Every valid unit with its conversations, and the report of what was rejected and why."""
-    report, out = Report(), []
+def valid_units(paths, report: Report) -> Iterator[tuple[Unit, list[Conversation]]]:
+    """(unit, conversations) for every unit that parses; the others are counted in `report`."""
     for unit in iter_units(paths, report):
         try:
             convs = unit_conversations(unit)
@@ -424,5 +416,10 @@ def load(paths) -> tuple[list[tuple[Unit, list[Conversation]]], Report]:
             continue
         report.conversations += len(convs)
         report.turns += sum(c.num_turns for c in convs)
-        out.append((unit, convs))
-    return out, report
+        yield unit, convs
+
+
+def load(paths) -> tuple[list[tuple[Unit, list[Conversation]]], Report]:
+    """Every valid unit with its conversations, and the report of what was rejected and why."""
+    report = Report()
+    return list(valid_units(paths, report)), report

@@ -67,7 +67,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def _read_ranks(path: str) -> dict[bytes, int]:
     ranks = {}
     with open(path, "rb") as f:
-        for line_no, line in enumerate(f, 1):
+        for line in f:
             if not line.strip():
                 continue
             token, rank = line.split()

@@ -138,7 +138,7 @@ PERTURB = {
 }
 # Not part of the forward math: our run-time choices, init scale, and metadata kept for export
 # (max_position_embeddings feeds no RoPE type we support; transformers ignores it there too).
-NOT_MATH = {"param_dtype", "dtype", "remat", "initializer_range", "max_position_embeddings", "hf_extra",
+NOT_MATH = {"param_dtype", "dtype", "remat", "attention_impl", "initializer_range", "max_position_embeddings", "hf_extra",
             "generation_config"}
 
 

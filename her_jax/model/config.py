@@ -33,6 +33,9 @@ ACTIVATIONS = ("silu", "swish", "gelu", "gelu_python", "gelu_new", "gelu_fast", 
 ROPE_TYPES = ("default", "linear", "proportional", "llama3", "yarn", "dynamic", "longrope")
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
+# "auto": the Pallas flash kernel on TPU, dense XLA attention elsewhere; "pallas_interpret" runs the
+# TPU kernel in Pallas interpret mode (any backend; tests and debugging).
+ATTENTION_IMPLS = ("auto", "dense", "pallas_tpu", "pallas_interpret")
 
 # Fields that define the network (and so must match between a checkpoint and its config).
 ARCH_FIELDS = (
@@ -63,8 +66,8 @@ def _thawed(items: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
 class Qwen3Config:
     """A dense Qwen3 decoder.
 
-    Architecture fields mirror HF's `Qwen3Config`; `param_dtype`, `dtype` (compute) and `remat`
-    are run-time choices of ours and are not part of the HF file.
+    Architecture fields mirror HF's `Qwen3Config`; `param_dtype`, `dtype` (compute), `remat` and
+    `attention_impl` are run-time choices of ours and are not part of the HF file.
     """
 
     vocab_size: int
@@ -90,6 +93,7 @@ class Qwen3Config:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "full"
+    attention_impl: str = "auto"
     # Everything else from the HF config.json (token ids, torch dtype, ...), kept for export.
     hf_extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
     # The HF generation_config.json that came with the weights (written back on export).
@@ -113,6 +117,7 @@ class Qwen3Config:
         need(self.param_dtype in DTYPES, "param_dtype", f"expected one of {DTYPES}")
         need(self.dtype in DTYPES, "dtype", f"expected one of {DTYPES}")
         need(self.remat in REMAT_POLICIES, "remat", f"expected one of {REMAT_POLICIES}")
+        need(self.attention_impl in ATTENTION_IMPLS, "attention_impl", f"expected one of {ATTENTION_IMPLS}")
         need(not self.layer_types or len(self.layer_types) == self.num_hidden_layers, "layer_types",
              f"expected one entry per layer ({self.num_hidden_layers})")
         need(all(t in ("full_attention", "sliding_attention") for t in self.layer_types), "layer_types",

@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec
 
-from her_jax.kernels.dual_view_attention import dense_attention, visibility_mask
+from her_jax.kernels.dual_view_attention import dense_attention, flash_attention, visibility_mask
 from her_jax.model.config import Qwen3Config, rope_params
-from her_jax.parallel.rules import DEFAULT_RULES, Rules, constrain
+from her_jax.parallel.rules import DEFAULT_RULES, Rules, constrain, logical_to_spec
 
 _GELU_TANH = functools.partial(jax.nn.gelu, approximate=True)
 _GELU = functools.partial(jax.nn.gelu, approximate=False)
@@ -135,10 +136,11 @@ class Attention(nnx.Module):
         out = checkpoint_name(out, name)
         return constrain(out, axes, self.rules, f"attention.{name}")
 
-    def __call__(self, x_btd, cos, sin, mask_bts, kv_cache=None, layer=None, start=None):
-        """x: [B, T, D] -> [B, T, D]. With `kv_cache` = (k_all, v_all) of shape [L, B, S, K, H], the
-        new keys/values are written at slots [start, start + T) of `layer` and attention reads
-        all S slots; the updated (k_all, v_all) is returned alongside."""
+    def __call__(self, x_btd, cos, sin, attend, kv_cache=None, layer=None, start=None):
+        """x: [B, T, D] -> [B, T, D]; `attend(q, k, v)` applies the visibility rule. With `kv_cache` =
+        (k_all, v_all) of shape [L, B, S, K, H], the new keys/values are written at slots
+        [start, start + T) of `layer` and attention reads all S slots; the updated (k_all, v_all)
+        is returned alongside."""
         c, rules = self.config, self.rules
         heads = ("act_batch", "act_seq", "act_heads", "act_head_dim")
         kv_heads = ("act_batch", "act_seq", "act_kv_heads", "act_head_dim")
@@ -152,8 +154,7 @@ class Attention(nnx.Module):
             v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer, 0, start, 0, 0))
             k, v = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
             kv_cache = (k_all, v_all)
-        out = dense_attention(q, k, v, mask_bts, c.head_dim ** -0.5)
-        out = constrain(out, heads, rules, "attention.out")
+        out = constrain(attend(q, k, v), heads, rules, "attention.out")
         out = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(out.dtype))
         if c.attention_bias:
             out = out + self.o_bias[...].astype(out.dtype)
@@ -192,11 +193,11 @@ class DecoderLayer(nnx.Module):
                                                ("norm",))
         self.mlp = MLP(config, rules, rngs=rngs)
 
-    def __call__(self, x_btd, cos, sin, mask_bts, kv_cache=None, layer=None, start=None):
+    def __call__(self, x_btd, cos, sin, attend, kv_cache=None, layer=None, start=None):
         eps = self.config.rms_norm_eps
         act = ("act_batch", "act_seq", "act_embed")
         with jax.named_scope("attention"):
-            attn, kv_cache = self.self_attn(rms_norm(x_btd, self.input_layernorm[...], eps), cos, sin, mask_bts,
+            attn, kv_cache = self.self_attn(rms_norm(x_btd, self.input_layernorm[...], eps), cos, sin, attend,
                                             kv_cache, layer, start)
         x_btd = constrain(x_btd + attn, act, self.rules, "residual.attention")
         with jax.named_scope("mlp"):
@@ -241,10 +242,20 @@ class Qwen3(nnx.Module):
     def hidden_states(self, tokens, *, positions=None, doc_ids=None, view_ids=None) -> jax.Array:
         """Final-norm hidden states [B, T, D] in the compute dtype (what the fused loss consumes)."""
         tokens, positions, doc_ids, view_ids = self._check_inputs(tokens, positions, doc_ids, view_ids, offset=0)
-        idx = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-        masks = self._masks(idx, idx, doc_ids, doc_ids, view_ids, view_ids, positions, positions)
-        h, _ = self._backbone(tokens, positions, masks, None, None)
+        if self.attention_impl() == "dense":
+            idx = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+            attention = ("dense", self._masks(idx, idx, doc_ids, doc_ids, view_ids, view_ids, positions, positions))
+        else:  # the flash kernel evaluates the predicate per block from the id vectors
+            attention = ("flash", (doc_ids, view_ids, positions))
+        h, _ = self._backbone(tokens, positions, attention, None, None)
         return h
+
+    def attention_impl(self) -> str:
+        """The attention implementation in use: the config's, with "auto" resolved for this backend."""
+        impl = self.config.attention_impl
+        if impl == "auto":
+            return "pallas_tpu" if jax.default_backend() == "tpu" else "dense"
+        return impl
 
     def head_weight(self) -> jax.Array:
         """The output projection [V, D] (the embedding when tied), in HF/embedding layout."""
@@ -283,8 +294,8 @@ class Qwen3(nnx.Module):
         pos, doc, view = write(cache.pos, positions), write(cache.doc, doc_ids), write(cache.view, view_ids)
         q_idx = start + jnp.arange(t, dtype=jnp.int32)
         k_idx = jnp.arange(cache.capacity, dtype=jnp.int32)
-        masks = self._masks(q_idx, k_idx, doc_ids, doc, view_ids, view, positions, pos)
-        h, (k_all, v_all) = self._backbone(tokens, positions, masks, (cache.k, cache.v), start)
+        masks = self._masks(q_idx, k_idx, doc_ids, doc, view_ids, view, positions, pos)  # decoding is dense
+        h, (k_all, v_all) = self._backbone(tokens, positions, ("dense", masks), (cache.k, cache.v), start)
         new_cache = KVCache(k=k_all, v=v_all, pos=pos, doc=doc, view=view, length=start + t)
         return self.logits(h), new_cache
 
@@ -320,7 +331,36 @@ class Qwen3(nnx.Module):
             return full, None
         return full, full & ((q_pos[:, :, None] - k_pos[:, None, :]) < self.config.sliding_window)
 
-    def _backbone(self, tokens, positions, masks, kv_cache, start):
+    def _attend_fn(self, attention, is_sliding):
+        """attend(q, k, v) for one layer: dense with the precomputed masks, or the flash kernel."""
+        c = self.config
+        scale = c.head_dim ** -0.5
+        kind, data = attention
+        if kind == "dense":
+            full_mask, sliding_mask = data
+            mask = full_mask if sliding_mask is None else jnp.where(is_sliding, sliding_mask, full_mask)
+            return lambda q, k, v: dense_attention(q, k, v, mask, scale)
+        doc_ids, view_ids, positions = data
+        window = jnp.where(is_sliding, c.sliding_window or 0, 0).astype(jnp.int32)
+        interpret = self.attention_impl() == "pallas_interpret"
+        flash = functools.partial(flash_attention, scale=scale, interpret=interpret)
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return lambda q, k, v: flash(q, k, v, doc_ids, view_ids, positions, window=window)
+
+        def sharded(q, k, v):  # Pallas kernels have no partitioning rule: run them per shard
+            spec = lambda names, x, what: logical_to_spec(names, x.shape, mesh, self.rules, what=what)
+            q_spec = spec(("act_batch", None, "act_heads", None), q, "attention.q")
+            kv_spec = spec(("act_batch", None, "act_kv_heads", None), k, "attention.k")
+            meta = spec(("act_batch", None), doc_ids, "attention.doc_ids")
+            fn = jax.shard_map(lambda q, k, v, d, vw, p, w: flash(q, k, v, d, vw, p, window=w), mesh=mesh,
+                               in_specs=(q_spec, kv_spec, kv_spec, meta, meta, meta, PartitionSpec()),
+                               out_specs=q_spec, check_vma=False)
+            return fn(q, k, v, doc_ids, view_ids, positions, window)
+
+        return sharded
+
+    def _backbone(self, tokens, positions, attention, kv_cache, start):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         act = ("act_batch", "act_seq", "act_embed")
@@ -331,15 +371,14 @@ class Qwen3(nnx.Module):
             h = jnp.take(table, tokens, axis=0).astype(dtype)
             h = constrain(h, act, self.rules, "embed")
         cos, sin = rope_tables(c, positions, dtype)
-        full_mask, sliding_mask = masks
         graphdef, stacked = nnx.split(self.layers)
         sliding = jnp.asarray([w > 0 for w in c.layer_windows])
 
         def body(carry, xs):
             h, kv = carry
             layer_state, layer, is_sliding = xs
-            mask = full_mask if sliding_mask is None else jnp.where(is_sliding, sliding_mask, full_mask)
-            h, kv = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, kv, layer, start)
+            attend = self._attend_fn(attention, is_sliding)
+            h, kv = nnx.merge(graphdef, layer_state)(h, cos, sin, attend, kv, layer, start)
             return (h, kv), None
 
         if c.remat != "none":

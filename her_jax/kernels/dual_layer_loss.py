@@ -313,21 +313,26 @@ class LossOutput(NamedTuple):
 
 
 def dual_layer_loss(hidden, weight, targets, loss_weights, layer_ids, num_layers: int, *, z_loss: float = 0.0,
-                    label_smoothing: float = 0.0, **stats_kwargs) -> LossOutput:
+                    label_smoothing: float = 0.0, mesh=None, **stats_kwargs) -> LossOutput:
     """Weighted next-token loss of packed rows, as (sum, weight) plus per-layer metrics.
 
     hidden [T, H], weight [V, H], targets [T], loss_weights [T] (0 = not trained; per-layer weights
     already applied by the data pipeline), layer_ids [T] in [0, num_layers) (layer of the target).
     Token loss = (1 - eps) * NLL + eps * (lse - mean logit) + z_loss * lse^2. Divide `loss_sum` by
-    the global `weight_sum` once, after summing both over micro-batches and devices.
+    the global `weight_sum` once, after summing both over micro-batches and devices. With `mesh`,
+    the token statistics are computed per token shard (`sharded_token_stats`).
     """
-    if label_smoothing:
-        stats, mean_logit = _with_mean_logit(hidden, weight, targets, stats_kwargs)
+    if mesh is not None:
+        stats = sharded_token_stats(hidden, weight, targets, mesh, **stats_kwargs)
     else:
-        stats, mean_logit = token_stats(hidden, weight, targets, **stats_kwargs), None
+        stats = token_stats(hidden, weight, targets, **stats_kwargs)
     nll = -stats.logprob
     per_token = nll
     if label_smoothing:
+        # The mean logit is linear in hidden: hidden . mean_v(w_v) / temperature, no [T, V] tensor.
+        vocab_size = stats_kwargs.get("vocab_size") or weight.shape[0]
+        w_mean = jnp.mean(weight[:vocab_size], axis=0, dtype=jnp.float32)
+        mean_logit = hidden.astype(jnp.float32) @ w_mean / stats_kwargs.get("temperature", 1.0)
         per_token = (1.0 - label_smoothing) * nll + label_smoothing * (stats.lse - mean_logit)
     if z_loss:
         per_token = per_token + z_loss * jnp.square(stats.lse)
@@ -336,15 +341,6 @@ def dual_layer_loss(hidden, weight, targets, loss_weights, layer_ids, num_layers
     onehot = jax.nn.one_hot(layer_ids, num_layers, dtype=jnp.float32) * trained[:, None]
     return LossOutput(jnp.sum(per_token * w), jnp.sum(w), jax.lax.stop_gradient(nll @ onehot),
                       jnp.sum(onehot, axis=0))
-
-
-def _with_mean_logit(hidden, weight, targets, kwargs):
-    """Label smoothing needs the mean logit; it is linear in hidden, so compute it exactly from the
-    mean weight row (no [T, V] tensor): mean_v z_tv = hidden_t . mean_v(w_v) / temperature."""
-    vocab_size = kwargs.get("vocab_size") or weight.shape[0]
-    w_mean = jnp.mean(weight[:vocab_size], axis=0, dtype=jnp.float32)
-    mean_logit = hidden.astype(jnp.float32) @ w_mean / kwargs.get("temperature", 1.0)
-    return token_stats(hidden, weight, targets, **kwargs), mean_logit
 
 
 def sharded_token_stats(hidden, weight, targets, mesh, *, token_axes=("data", "fsdp"), **kwargs) -> TokenStats:

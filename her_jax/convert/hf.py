@@ -196,7 +196,7 @@ def _drop_leading(sharding):
 
 # ------------------------------------------------------------------------------------------------
 def load_hf(path: str | os.PathLike, mesh=None, dtype=None, *, compute_dtype=None, remat: str | None = None,
-            rules: Rules = DEFAULT_RULES, progress: bool = True) -> Qwen3:
+            attention_impl: str | None = None, rules: Rules = DEFAULT_RULES, progress: bool = True) -> Qwen3:
     """Load an HF Qwen3 folder (config.json + safetensors, one file or sharded with an index).
 
     dtype: parameter dtype (default: the checkpoint's `dtype`/`torch_dtype`, else that of its
@@ -216,6 +216,8 @@ def load_hf(path: str | os.PathLike, mesh=None, dtype=None, *, compute_dtype=Non
     runtime = {"param_dtype": dtype, "dtype": str(jnp.dtype(compute_dtype or dtype))}
     if remat is not None:
         runtime["remat"] = remat
+    if attention_impl is not None:
+        runtime["attention_impl"] = attention_impl
     config = hf_config.replace(**runtime, generation_config=_read_json(os.path.join(path, "generation_config.json")))
 
     rules_used = active_rules(config)

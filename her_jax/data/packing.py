@@ -19,6 +19,7 @@ token), view_ids, positions; packed rows add doc_ids (0 = padding).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -46,7 +47,7 @@ class LayerWeights:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, (int, float)) or value < 0:
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"layer_weights.{f.name}: expected a number >= 0, found {value!r}")
 
     def array(self) -> np.ndarray:

@@ -10,6 +10,7 @@ truncated.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
 import numpy as np
 
@@ -83,7 +84,10 @@ class Pipeline:
     """Batches of packed rows for one process: dict of [local_batch, seq_len] arrays
     (tokens, targets, loss_weights, layer_ids, view_ids, positions, doc_ids)."""
 
-    def __init__(self, config: DataConfig, process_index: int | None = None, process_count: int | None = None):
+    def __init__(self, config: DataConfig, process_index: int | None = None, process_count: int | None = None,
+                 *, split: str = "all", eval_fraction: float = 0.0):
+        """split: "all", or "train" / "eval" — a fixed share `eval_fraction` of the units, chosen by
+        a hash of their ids (stable across runs, machines and source order)."""
         import grain
 
         if process_index is None or process_count is None:
@@ -96,8 +100,12 @@ class Pipeline:
         self.local_batch = config.batch_size // process_count
         self.report = Report()
         units = [unit for unit, _ in valid_units(list(config.sources), self.report)]
+        if split != "all":
+            if split not in ("train", "eval"):
+                raise ValueError(f"split: expected 'all', 'train' or 'eval', found {split!r}")
+            units = [u for u in units if in_eval_split(u.id, eval_fraction) == (split == "eval")]
         if not units:
-            raise ValueError(f"no usable data in {list(config.sources)}: {self.report.to_json()}")
+            raise ValueError(f"no usable data in {list(config.sources)} (split {split!r}): {self.report.to_json()}")
         self.num_units = len(units)
         to_sequences = _ToSequences(config.tokenizer, config, self.report)
         self.tokenizer = to_sequences.tokenizer
@@ -116,6 +124,11 @@ class Pipeline:
     def __iter__(self):
         """A grain DatasetIterator: `get_state()` / `set_state(state)` checkpoint and restore it."""
         return iter(self.dataset)
+
+
+def in_eval_split(unit_id: str, fraction: float) -> bool:
+    """Whether a unit belongs to the held-out split (a stable hash of its id)."""
+    return zlib.crc32(unit_id.encode("utf-8")) % 10_000 < fraction * 10_000
 
 
 def _flatten(ds):

@@ -95,7 +95,14 @@ def _logits_tile(x, w, v0, j, bv, vocab_size, scale):
     return z, col, fresh
 
 
-def _chunked_forward(hidden, weight, targets, vocab_size, scale, want_entropy, bt, bv):
+def _active_tiles(active, bt: int, nt: int):
+    """Token tiles holding the first `active` rows (all tiles when active is None)."""
+    if active is None:
+        return nt
+    return jnp.clip((active + bt - 1) // bt, 0, nt)
+
+
+def _chunked_forward(hidden, weight, targets, active, vocab_size, scale, want_entropy, bt, bv):
     t, _ = hidden.shape
     bt, nt = _tiles(t, bt)
     bv, nv = _tiles(weight.shape[0], bv)
@@ -127,16 +134,16 @@ def _chunked_forward(hidden, weight, targets, vocab_size, scale, want_entropy, b
     if nt == 1:
         logprob, lse, ent = token_tile(0)
     else:
-        def body(outs, i):
+        def body(i, outs):
             t0 = _start(i, bt, t)
-            return tuple(jax.lax.dynamic_update_slice_in_dim(o, v, t0, 0) for o, v in zip(outs, token_tile(i))), None
+            return tuple(jax.lax.dynamic_update_slice_in_dim(o, v, t0, 0) for o, v in zip(outs, token_tile(i)))
 
         zeros = jnp.zeros((t,), jnp.float32)
-        (logprob, lse, ent), _ = jax.lax.scan(body, (zeros, zeros, zeros), jnp.arange(nt))
+        logprob, lse, ent = jax.lax.fori_loop(0, _active_tiles(active, bt, nt), body, (zeros, zeros, zeros))
     return TokenStats(logprob, lse, ent if want_entropy else None)
 
 
-def _chunked_backward(hidden, weight, targets, lse, ent, g_lp, g_lse, g_ent, vocab_size, scale, bt, bv):
+def _chunked_backward(hidden, weight, targets, active, lse, ent, g_lp, g_lse, g_ent, vocab_size, scale, bt, bv):
     """Vocab tiles outside, token tiles inside: each dW tile is accumulated in f32 and written once in
     the weight's dtype; dX (much smaller than W for T << V) accumulates in f32 across vocab tiles."""
     t, h = hidden.shape
@@ -151,7 +158,7 @@ def _chunked_backward(hidden, weight, targets, lse, ent, g_lp, g_lse, g_ent, voc
         v0 = _start(j, bv, v_rows)
         w = _slice(weight, v0, bv)
 
-        def token_tile(inner, i):
+        def token_tile(i, inner):
             dx, dw_tile = inner
             t0 = _start(i, bt, t)
             x = _slice(hidden, t0, bt)
@@ -165,9 +172,10 @@ def _chunked_backward(hidden, weight, targets, lse, ent, g_lp, g_lse, g_ent, voc
             dx_tile = jnp.einsum("tv,vh->th", dz, w.astype(gemm_dtype), preferred_element_type=jnp.float32)
             dx = jax.lax.dynamic_update_slice_in_dim(dx, jax.lax.dynamic_slice_in_dim(dx, t0, bt) + dx_tile, t0, 0)
             dw_tile = dw_tile + jnp.einsum("tv,th->vh", dz, x, preferred_element_type=jnp.float32)
-            return (dx, dw_tile), None
+            return dx, dw_tile
 
-        (dx, dw_tile), _ = jax.lax.scan(token_tile, (dx, jnp.zeros((bv, h), jnp.float32)), jnp.arange(nt))
+        dx, dw_tile = jax.lax.fori_loop(0, _active_tiles(active, bt, nt), token_tile,
+                                        (dx, jnp.zeros((bv, h), jnp.float32)))
         if dw is None:
             return (dx, dw_tile.astype(weight.dtype)), None
         # Rows an earlier (overlapping) vocab tile already wrote keep their value.
@@ -188,22 +196,23 @@ def _chunked_backward(hidden, weight, targets, lse, ent, g_lp, g_lse, g_ent, voc
     return dx.astype(hidden.dtype), dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _xla_chunked(hidden, weight, targets, vocab_size, scale, want_entropy, bt, bv):
-    return _chunked_forward(hidden, weight, targets, vocab_size, scale, want_entropy, bt, bv)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _xla_chunked(hidden, weight, targets, active, vocab_size, scale, want_entropy, bt, bv):
+    return _chunked_forward(hidden, weight, targets, active, vocab_size, scale, want_entropy, bt, bv)
 
 
-def _xla_chunked_fwd(hidden, weight, targets, vocab_size, scale, want_entropy, bt, bv):
-    out = _chunked_forward(hidden, weight, targets, vocab_size, scale, True, bt, bv)
+def _xla_chunked_fwd(hidden, weight, targets, active, vocab_size, scale, want_entropy, bt, bv):
+    out = _chunked_forward(hidden, weight, targets, active, vocab_size, scale, True, bt, bv)
     kept = out if want_entropy else out._replace(entropy=None)
-    return kept, (hidden, weight, targets, out.lse, out.entropy)
+    return kept, (hidden, weight, targets, active, out.lse, out.entropy)
 
 
 def _xla_chunked_bwd(vocab_size, scale, want_entropy, bt, bv, res, g):
-    hidden, weight, targets, lse, ent = res
+    hidden, weight, targets, active, lse, ent = res
     g_ent = g.entropy if want_entropy else jnp.zeros_like(lse)
-    dx, dw = _chunked_backward(hidden, weight, targets, lse, ent, g.logprob, g.lse, g_ent, vocab_size, scale, bt, bv)
-    return dx, dw, None
+    dx, dw = _chunked_backward(hidden, weight, targets, active, lse, ent, g.logprob, g.lse, g_ent, vocab_size,
+                               scale, bt, bv)
+    return dx, dw, None, None
 
 
 _xla_chunked.defvjp(_xla_chunked_fwd, _xla_chunked_bwd)
@@ -262,14 +271,16 @@ def default_impl() -> str:
 
 def token_stats(hidden, weight, targets, *, vocab_size: int | None = None, temperature: float = 1.0,
                 entropy: bool = False, impl: str = "auto", block_t: int | None = None,
-                block_v: int | None = None, interpret: bool = False) -> TokenStats:
+                block_v: int | None = None, interpret: bool = False, active_rows=None) -> TokenStats:
     """Per-token log-prob of `targets`, log-sum-exp and (optionally) entropy of
     softmax(hidden @ weight[:vocab_size].T / temperature), never materialising the logits.
 
     hidden: [T, H] bf16/f32; weight: [V_rows, H] (HF layout; rows >= vocab_size are padding);
     targets: [T] int32 in [0, vocab_size). Outputs are float32 [T]. Differentiable in hidden and
     weight (custom VJP); wrap in `jax.lax.stop_gradient` for forward-only use (RL old-policy and
-    reference log-probs): no residuals are kept then.
+    reference log-probs): no residuals are kept then. active_rows: an int (may be traced) such that
+    only rows [0, active_rows) matter; `xla_chunked` then skips the token tiles past it (their
+    outputs are 0), the other implementations compute every row.
     """
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"token_stats: expected hidden [T, H] and weight [V, H], found {hidden.shape} and "
@@ -298,7 +309,8 @@ def token_stats(hidden, weight, targets, *, vocab_size: int | None = None, tempe
             return kernel.token_stats(hidden, weight, targets, **kw)
         except (NotImplementedError, ImportError, _CompileFailure) as e:
             _warn_once(impl, f"token_stats: {impl} unavailable ({type(e).__name__}: {e}); using xla_chunked")
-    return _xla_chunked(hidden, weight, targets, vocab_size, 1.0 / temperature, entropy, block_t or 4096,
+    active = None if active_rows is None else jnp.asarray(active_rows, jnp.int32)
+    return _xla_chunked(hidden, weight, targets, active, vocab_size, 1.0 / temperature, entropy, block_t or 512,
                         block_v or 2048)
 
 
@@ -325,7 +337,11 @@ def dual_layer_loss(hidden, weight, targets, loss_weights, layer_ids, num_layers
     if mesh is not None:
         stats = sharded_token_stats(hidden, weight, targets, mesh, **stats_kwargs)
     else:
-        stats = token_stats(hidden, weight, targets, **stats_kwargs)
+        # Trained tokens first: the head then skips the tiles holding only context (often most of an
+        # SFT row: system prompt, other characters, history).
+        order = jnp.argsort(loss_weights <= 0, stable=True)
+        hidden, targets, loss_weights, layer_ids = hidden[order], targets[order], loss_weights[order], layer_ids[order]
+        stats = token_stats(hidden, weight, targets, active_rows=jnp.sum(loss_weights > 0), **stats_kwargs)
     nll = -stats.logprob
     per_token = nll
     if label_smoothing:

@@ -423,7 +423,7 @@ HF_PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-14b": _qwen3_hf(40, 5120, 40, 17408, False, 40),
     "qwen3-32b": _qwen3_hf(64, 5120, 64, 25600, False, 64),
     # The default CPU run: the real Qwen3 vocabulary (so the real tokenizer works), a tiny body.
-    "qwen3-tiny": {**_qwen3_hf(4, 128, 4, 384, True, 4), "num_key_value_heads": 2, "head_dim": 32,
+    "qwen3-tiny": {**_qwen3_hf(4, 64, 4, 192, True, 4), "num_key_value_heads": 2, "head_dim": 16,
                    "torch_dtype": "float32"},
     # Unit tests: small vocabulary, odd shapes (query width != hidden, GQA 2).
     "qwen3-test": {**_qwen3_hf(2, 64, 4, 96, False, 2), "vocab_size": 512, "num_key_value_heads": 2,

@@ -98,7 +98,8 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], me
     return PartitionSpec(*parts)
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
+    """'layers/mlp/up_proj' for a pytree key path (nnx Variable 'value' steps left out)."""
     keys = []
     for k in path:
         key = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
@@ -108,17 +109,21 @@ def _path_name(path) -> str:
 
 
 def state_shardings(state, mesh, rules: Rules = DEFAULT_RULES):
-    """A pytree of `NamedSharding`s (one per nnx Variable of `state`) on `mesh`; with `mesh=None`,
-    everything on the first local device."""
+    """A pytree of `NamedSharding`s (one per nnx Variable of `state`, which may also hold plain
+    scalar arrays such as optimizer counters) on `mesh`; with `mesh=None`, everything on the first
+    local device."""
 
     def one(path, var):
         if mesh is None:
             return SingleDeviceSharding(jax.local_devices()[0])
-        axes = var.get_metadata().get("logical_axes")
-        name = _path_name(path)
+        name = path_name(path)
+        value = var.get_value() if isinstance(var, nnx.Variable) else var
+        axes = var.get_metadata().get("logical_axes") if isinstance(var, nnx.Variable) else None
+        if axes is None and value.ndim == 0:  # counters and other scalars (e.g. optimizer step counts)
+            return NamedSharding(mesh, PartitionSpec())
         if axes is None:
             raise ShardingError(f"parameter '{name}' carries no logical_axes metadata")
-        spec = logical_to_spec(axes, var.get_value().shape, mesh, rules, what=f"parameter '{name}'")
+        spec = logical_to_spec(axes, value.shape, mesh, rules, what=f"parameter '{name}'")
         return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -37,7 +37,7 @@ def train_cmd(run, *extra):
 # -- config -----------------------------------------------------------------------------------------
 
 def test_config_errors_name_the_key(tmp_path):
-    assert load_config().steps == 60 and load_config().model.preset == "qwen3-tiny"
+    assert load_config().steps == 45 and load_config().model.preset == "qwen3-tiny"
     cfg = load_config(None, ["steps=5", "optim.lr=1e-4", "data.sources=[a.jsonl, b.jsonl]", "mesh.fsdp=2"])
     assert (cfg.steps, cfg.optim.lr, cfg.data.sources, cfg.mesh.fsdp) == (5, 1e-4, ("a.jsonl", "b.jsonl"), 2)
     for override, message in (("optim.lrr=1", "unknown config key 'optim.lrr'"), ("steps=abc", "steps: expected int"),

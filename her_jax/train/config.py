@@ -95,14 +95,14 @@ class RunConfig:
 
     stage: str = "sft"
     output_dir: str = "runs/default"
-    steps: int = 60
+    steps: int = 45
     micro_batches: int = 1  # gradient accumulation: each step sums this many micro-batches
     seed: int = 0
     log_every: int = 1
-    eval_every: int = 20
+    eval_every: int = 15
     eval_batches: int = 2
     eval_fraction: float = 0.15
-    checkpoint_every: int = 20
+    checkpoint_every: int = 15
     keep_checkpoints: int = 2
     max_nonfinite: int = 3  # this many non-finite steps in a row stop the run
     loss_impl: str = "auto"
@@ -114,7 +114,7 @@ class RunConfig:
     wandb_project: str | None = None
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(seq_len=2048, batch_size=1, num_epochs=None))
-    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_ratio=0.1))
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=6e-3, warmup_ratio=0.1))
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def __post_init__(self):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from her_jax.data.format import LAYER_ID, FormatError, Utterance, parse_turn
 from her_jax.data.packing import (
@@ -174,16 +175,22 @@ def test_plain_packing_reports_efficiency(renderer):
 
 # -- the numerical equivalence on a tiny model ------------------------------------------------------
 
-def _loss(model, rows, vocab):
-    def one(row):
-        doc = row.get("doc_ids", np.ones_like(row["tokens"]))
-        logits = model(jnp.asarray(row["tokens"] % vocab)[None], positions=jnp.asarray(row["positions"])[None],
-                       doc_ids=jnp.asarray(doc)[None], view_ids=jnp.asarray(row["view_ids"])[None])[0]
+def _loss(model, rows, vocab, length=2048):
+    """Summed weighted NLL of each row, every row padded to `length` as a separate document (one jit)."""
+    @nnx.jit
+    def one(model, tokens, targets, weights, positions, doc, view):
+        logits = model(tokens[None], positions=positions[None], doc_ids=doc[None], view_ids=view[None])[0]
         logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-        nll = -jnp.take_along_axis(logp, jnp.asarray(row["targets"] % vocab)[:, None], axis=1)[:, 0]
-        return jnp.sum(nll * row["loss_weights"])
+        return jnp.sum(-jnp.take_along_axis(logp, targets[:, None], axis=1)[:, 0] * weights)
 
-    return sum(float(one(r)) for r in rows)
+    total = 0.0
+    for r in rows:
+        pad = length - len(r["tokens"])
+        fill = lambda a, v=0: np.pad(np.asarray(a), (0, pad), constant_values=v)
+        doc = fill(r.get("doc_ids", np.ones_like(r["tokens"])) + 1)  # padding is doc 0, its own document
+        total += float(one(model, fill(r["tokens"] % vocab), fill(r["targets"] % vocab), fill(r["loss_weights"]),
+                           fill(r["positions"]), doc, fill(r["view_ids"])))
+    return total
 
 
 def test_dual_view_loss_equals_the_sum_of_single_turn_losses(renderer):

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from her_jax.train.config import ConfigError, load_config
 
@@ -86,21 +87,21 @@ def _trainer(tmp_path, name, *extra):
 
 
 def test_accumulation_equals_one_large_batch(tmp_path):
+    """4 micro-batches of 2 rows give the same step as one batch of 8 rows (loss and parameters)."""
     import jax
 
-    common = ["steps=1", "data.batch_size=8", "mesh={data: 1, fsdp: 1, tensor: 8}",
-              "model.overrides={hidden_size: 64, head_dim: 8, num_attention_heads: 8, num_key_value_heads: 8, "
-              "intermediate_size: 64, num_hidden_layers: 2}"]
-    runs = {}
+    from her_jax.train.checkpoint import load_model
+
     for micro in (1, 4):
-        trainer = _trainer(tmp_path, f"m{micro}", *common, f"micro_batches={micro}")
-        last = trainer.run()
-        runs[micro] = (last, jax.tree.leaves(jax.device_get(trainer.state[0])))
-    (one, p1), (four, p4) = runs[1], runs[4]
+        subprocess.run(train_cmd(tmp_path / f"m{micro}", "steps=1", "data.batch_size=8", f"micro_batches={micro}",
+                                 "eval_fraction=0", "tensorboard=false", "plot=false"),
+                       env=ONE_DEVICE, check=True, capture_output=True, timeout=600)
+    one, four = metrics(tmp_path / "m1")[1], metrics(tmp_path / "m4")[1]
+    assert one["batch_fingerprint"] == four["batch_fingerprint"] and one["trained_tokens"] == four["trained_tokens"] > 0
     assert abs(one["loss"] - four["loss"]) <= 1e-6 * abs(one["loss"])
-    assert one["trained_tokens"] == four["trained_tokens"] > 0
-    for a, b in zip(p1, p4):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert abs(one["grad_norm"] - four["grad_norm"]) <= 1e-6 * abs(one["grad_norm"])
+    for a, b in zip(*(jax.tree.leaves(nnx.state(load_model(tmp_path / f"m{m}"))) for m in (1, 4))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
 def test_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -110,10 +111,12 @@ def test_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path
     from her_jax.train import sft
     from her_jax.train.sft import NonFiniteError
 
-    extra = ["data.batch_size=8", "max_nonfinite=2"]
-    trainer = _trainer(tmp_path, "run", "steps=2", *extra)
-    trainer.run()
-    good = jax.tree.leaves(jax.device_get(trainer.state[0]))
+    extra = ["data.batch_size=8", "max_nonfinite=2", "eval_fraction=0"]
+    subprocess.run(train_cmd(tmp_path / "run", "steps=2", *extra, "tensorboard=false", "plot=false"), env=ONE_DEVICE,
+                   check=True, capture_output=True, timeout=600)  # two good steps, checkpointed
+    from her_jax.train.checkpoint import load_model
+
+    good = jax.tree.leaves(nnx.state(load_model(tmp_path / "run" / "checkpoints" / "2")))
     real_loss = sft.sft_loss
 
     def poisoned(model, batch, **kw):
@@ -121,13 +124,15 @@ def test_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path
         return out._replace(loss_sum=out.loss_sum * jnp.nan)
 
     monkeypatch.setattr(sft, "sft_loss", poisoned)
-    resumed = _trainer(tmp_path, "run", "steps=10", *extra)
+    resumed = _trainer(tmp_path, "run", "steps=10", *extra, "mesh={data: 1, fsdp: 8, tensor: 1}")  # another mesh
     assert resumed.iteration == 2
+    assert resumed.state[0]["layers"]["mlp"]["up_proj"][...].sharding.spec == jax.sharding.PartitionSpec(
+        None, "fsdp", None)
     with pytest.raises(NonFiniteError, match="2 consecutive steps with a non-finite"):
         resumed.run()
     assert resumed.checkpoints.latest_step() == 2  # nothing saved after the good state
     for a, b in zip(good, jax.tree.leaves(jax.device_get(resumed.state[0]))):
-        np.testing.assert_array_equal(a, b)  # the bad steps changed nothing
+        np.testing.assert_array_equal(np.asarray(a), b)  # the bad steps changed nothing
     records = metrics(tmp_path / "run")
     assert records[3]["finite"] is False and records[4]["finite"] is False
 
@@ -206,7 +211,7 @@ def test_run_folder_exports_to_transformers(tmp_path):
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(run / "tensorboard"))
     record = metrics(run)[2]
     assert {"loss", "grad_norm", "lr", "tokens_per_s", "loss/system_thinking", "loss/speech", "eval_loss"} <= set(record)
-    assert convert(["to-hf", "--checkpoint", str(run / "final"), "--out", str(tmp_path / "hf")]) == 0
+    assert convert(["to-hf", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0  # the run folder
     model = Qwen3ForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     ids = tok("<|im_start|>assistant\n<system_thinking>", return_tensors="pt")["input_ids"]

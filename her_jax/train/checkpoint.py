@@ -28,10 +28,30 @@ class CheckpointMismatchError(ValueError):
 
 
 def _checkpointer() -> ocp.Checkpointer:
+    # A training step folder also holds the optimizer state and the loop state: known, not restored here.
     handler = ocp.CompositeCheckpointHandler(**{PARAMS: ocp.StandardCheckpointHandler(),
                                                 MODEL_CONFIG: ocp.JsonCheckpointHandler(),
-                                                TOKENIZER: ocp.JsonCheckpointHandler()})
+                                                TOKENIZER: ocp.JsonCheckpointHandler(),
+                                                "opt_state": ocp.StandardCheckpointHandler(),
+                                                "train": ocp.JsonCheckpointHandler()})
     return ocp.Checkpointer(handler)
+
+
+def resolve(path: str | os.PathLike) -> str:
+    """A model checkpoint folder from what a user may pass: the folder itself, a training run
+    folder (its `final/` export, else its newest step), or a run's `checkpoints/` folder."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(os.path.join(path, MODEL_CONFIG)):
+        return path
+    if os.path.isdir(os.path.join(path, "final", MODEL_CONFIG)):
+        return os.path.join(path, "final")
+    steps_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    steps = sorted((int(n) for n in os.listdir(steps_dir) if n.isdigit()), reverse=True) \
+        if os.path.isdir(steps_dir) else []
+    for step in steps:
+        if os.path.isdir(os.path.join(steps_dir, str(step), MODEL_CONFIG)):
+            return os.path.join(steps_dir, str(step))
+    return path
 
 
 def save_model(model: Qwen3, path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
@@ -56,7 +76,7 @@ def save_model(model: Qwen3, path: str | os.PathLike, *, tokenizer_dir: str | os
 
 def restore_tokenizer(path: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
     """Write the tokenizer files stored in checkpoint `path` into `out_dir`; [] if it has none."""
-    path = os.path.abspath(os.fspath(path))
+    path = resolve(path)
     if not os.path.isdir(os.path.join(path, TOKENIZER)):
         return []
     with _checkpointer() as ckptr:
@@ -69,7 +89,7 @@ def restore_tokenizer(path: str | os.PathLike, out_dir: str | os.PathLike) -> li
 
 
 def read_model_config(path: str | os.PathLike) -> Qwen3Config:
-    path = os.path.abspath(os.fspath(path))
+    path = resolve(path)
     if not os.path.isdir(os.path.join(path, MODEL_CONFIG)):
         raise CheckpointMismatchError(f"{path}: not a her_jax model checkpoint (no '{MODEL_CONFIG}' item)")
     with _checkpointer() as ckptr:
@@ -85,7 +105,7 @@ def load_model(path: str | os.PathLike, *, mesh=None, expect: Qwen3Config | None
     stored architecture equals this config's. runtime: our run-time fields to change
     (`param_dtype`, `dtype`, `remat`); parameters are cast to `param_dtype` on restore.
     """
-    path = os.path.abspath(os.fspath(path))
+    path = resolve(path)
     config = read_model_config(path)
     if expect is not None:
         diff = {f: (getattr(config, f), getattr(expect, f)) for f in ARCH_FIELDS

@@ -196,8 +196,8 @@ class Trainer:
         meta = self.checkpoints.restore(step, args=ocp.args.Composite(train=ocp.args.JsonRestore()))["train"]
         stored = meta["model_arch"]
         if stored != self.model_config.arch_dict():
-            raise RuntimeError(f"{self.cfg.output_dir}: the checkpoint was written by a different model "
-                               f"({stored}); use a new output_dir or the same model")
+            raise ValueError(f"{self.cfg.output_dir}: its checkpoints hold a different model ({stored}); "
+                             "use a new output_dir or the same model")
         params, opt_state = self.state
         target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), self.state,
                               self.steps.state_shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -209,8 +209,7 @@ class Trainer:
         self.iteration = meta["iteration"]
         self.nonfinite = meta["nonfinite"]
         self.rng = np.asarray(meta["rng"], np.uint32)
-        self.data_iter.set_state(meta["data_state"][jax.process_index()] if isinstance(meta["data_state"], list)
-                                 else meta["data_state"])
+        self.data_iter.set_state(meta["data_state"][jax.process_index()])
         if self.main:
             log.info("resumed from %s at step %d", self.cfg.output_dir, step)
 

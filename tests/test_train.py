@@ -217,3 +217,30 @@ def test_run_folder_exports_to_transformers(tmp_path):
     ids = tok("<|im_start|>assistant\n<system_thinking>", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_training_starts_from_an_hf_folder(tmp_path):
+    from her_jax.convert.hf import save_hf
+    from her_jax.model import init_model, preset
+
+    config = preset("qwen3-tiny").replace(hidden_size=32, head_dim=8, intermediate_size=64, num_hidden_layers=2)
+    save_hf(init_model(config, seed=5), tmp_path / "hf", progress=False)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "her_jax.train", f"output_dir={run}", "progress=false", "data.seq_len=1024",
+           f"model.hf={tmp_path / 'hf'}", "steps=1", "eval_fraction=0", "tensorboard=false", "plot=false"]
+    subprocess.run(cmd, env=ONE_DEVICE, check=True, capture_output=True, timeout=600)
+    first = metrics(run)[1]
+    assert 5 < first["loss"] < 20 and first["finite"]
+
+
+def test_wandb_needs_the_package(tmp_path, monkeypatch):
+    import builtins
+
+    from her_jax.train.metrics import MetricsWriter
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__",
+                        lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name)) if name == "wandb"
+                        else real_import(name, *a, **k))
+    with pytest.raises(RuntimeError, match="wandb_project is set but the wandb package is not installed"):
+        MetricsWriter(str(tmp_path), tensorboard=False, wandb_project="her")

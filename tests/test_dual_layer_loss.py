@@ -9,7 +9,7 @@ import pytest
 
 from her_jax.kernels.dual_layer_loss import dual_layer_loss, reference_token_stats, token_stats
 
-IMPLS = ["xla_chunked", "pallas_tpu"]
+IMPLS = ["xla_chunked", "pallas_tpu", "pallas_gpu"]
 
 
 def rel(a, b) -> float:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from her_jax.data.format import LAYERS
 from her_jax.kernels.dual_layer_loss import LossOutput, dual_layer_loss
 
-LOSS_IMPLS = ("auto", "reference", "xla_chunked", "pallas_tpu", "pallas_interpret")
+LOSS_IMPLS = ("auto", "reference", "xla_chunked", "pallas_tpu", "pallas_gpu", "pallas_interpret")
 
 
 def sft_loss(model, batch, *, loss_impl: str = "auto", z_loss: float = 0.0, label_smoothing: float = 0.0,

@@ -68,3 +68,24 @@ def assert_bit_exact(a: dict, b: dict):
     for name in a:
         assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
         assert a[name].tobytes() == b[name].tobytes(), name
+
+
+# TPU generations the AOT tests compile for, as (topology, chip config) with 2x2 chips per host.
+TPU_TOPOLOGIES = {"v5e": ("v5e:2x2", "default"), "v5p": ("v5:2x2x1", "megacore"), "v6e": ("v6e:2x2", "default")}
+
+
+def tpu_devices(generation: str):
+    """The devices of a small TPU topology for AOT compilation on this CPU host; skips the test
+    when libtpu is not installed."""
+    import pytest
+    from jax.experimental import topologies
+
+    topology, chip = TPU_TOPOLOGIES[generation]
+    try:
+        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", chip_config_name=chip,
+                                            chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False,) * 3)
+    except RuntimeError as e:
+        if "TPU support not installed" in str(e):
+            pytest.skip("libtpu is not installed")
+        raise
+    return topo.devices

@@ -10,29 +10,16 @@ import math
 
 import jax
 import jax.numpy as jnp
-import pytest
 from flax import nnx
+from helpers import tpu_devices
 
 from her_jax.model import abstract_model, preset
 from her_jax.parallel import MeshConfig, make_mesh
 from her_jax.parallel.rules import state_shardings
 
 
-def tpu_devices(topology: str, chip_config: str):
-    from jax.experimental import topologies
-
-    try:
-        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", chip_config_name=chip_config,
-                                            chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False, False, False))
-    except RuntimeError as e:
-        if "TPU support not installed" in str(e):
-            pytest.skip("libtpu is not installed")
-        raise
-    return topo.devices
-
-
 def test_train_step_compiles_for_v5p_and_fits(capsys):
-    devices = tpu_devices("v5:2x2x1", "megacore")
+    devices = tpu_devices("v5p")
     mesh = make_mesh(MeshConfig(fsdp=-1), devices=devices)
     # Qwen3-0.6B widths (query width 2048 != hidden 1024, GQA 2, real vocabulary), two layers.
     config = preset("qwen3-0.6b", param_dtype="float32", dtype="bfloat16", remat="full").replace(num_hidden_layers=2)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import TPU_TOPOLOGIES, tpu_devices
 
 from her_jax.kernels.dual_view_attention import block_table, dense_attention, flash_attention, visibility_mask
 
@@ -114,24 +115,12 @@ def test_model_flash_equals_dense(rng):
     assert init_model(cfg).attention_impl() == "dense"  # "auto" on CPU
 
 
-TOPOLOGIES = {"v5e": ("v5e:2x2", "default"), "v5p": ("v5:2x2x1", "megacore"), "v6e": ("v6e:2x2", "default")}
-
-
-@pytest.mark.parametrize("generation", sorted(TOPOLOGIES))
+@pytest.mark.parametrize("generation", sorted(TPU_TOPOLOGIES))
 def test_flash_compiles_for_tpu(generation):
-    from jax.experimental import topologies
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    topology, chip = TOPOLOGIES[generation]
-    try:
-        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", chip_config_name=chip,
-                                            chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False,) * 3)
-    except RuntimeError as e:
-        if "TPU support not installed" in str(e):
-            pytest.skip("libtpu is not installed")
-        raise
-    mesh = Mesh(np.array(topo.devices).reshape(2, -1), ("data", "tensor"))
+    mesh = Mesh(np.array(tpu_devices(generation)).reshape(2, -1), ("data", "tensor"))
     b, t, n, k, h = 2, 2048, 16, 8, 128  # Qwen3-0.6B attention shapes
 
     def loss(q, kk, v, doc, view, pos):

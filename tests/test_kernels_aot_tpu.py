@@ -8,30 +8,14 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from helpers import TPU_TOPOLOGIES, tpu_devices
 
 from her_jax.kernels.dual_layer_loss import sharded_token_stats
 
-TOPOLOGIES = {"v5e": ("v5e:2x2", "default"), "v5p": ("v5:2x2x1", "megacore"), "v6e": ("v6e:2x2", "default")}
-
-
-def topology_mesh(name):
-    from jax.experimental import topologies
-
-    topology, chip = TOPOLOGIES[name]
-    try:
-        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", chip_config_name=chip,
-                                            chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False,) * 3)
-    except RuntimeError as e:
-        if "TPU support not installed" in str(e):
-            pytest.skip("libtpu is not installed")
-        raise
-    return Mesh(np.array(topo.devices), ("data",))
-
-
-@pytest.mark.parametrize("generation", sorted(TOPOLOGIES))
+@pytest.mark.parametrize("generation", sorted(TPU_TOPOLOGIES))
 @pytest.mark.parametrize("hidden", [1024, 5120])
 def test_fused_loss_compiles_for_tpu(generation, hidden):
-    mesh = topology_mesh(generation)
+    mesh = Mesh(np.array(tpu_devices(generation)), ("data",))
     t, v = 2048 * mesh.size, 151936
 
     def loss(x, w, y):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from her_jax.kernels.dual_layer_loss import _NEG, TokenStats, _chunked_backward
+from her_jax.kernels.dual_layer_loss import _NEG, TokenStats, _chunked_backward, custom_vjp_stats
 
 
 def _forward_kernel(x_ref, w_ref, y_ref, lp_ref, lse_ref, ent_ref, *, bv, nv, rows, vocab_size, scale):
@@ -68,25 +68,11 @@ def _forward(x, w, y, vocab_size, scale, bt, bv, interpret):
     )(x, w, y)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
-def _stats(x, w, y, vocab_size, scale, want_entropy, bt, bv, interpret):
-    lp, lse, ent = _forward(x, w, y, vocab_size, scale, bt, bv, interpret)
-    return TokenStats(lp, lse, ent if want_entropy else None)
+def _backward(x, w, y, lse, ent, g_lp, g_lse, g_ent, vocab_size, scale, bt, bv, interpret):
+    return _chunked_backward(x, w, y, None, lse, ent, g_lp, g_lse, g_ent, vocab_size, scale, 512, 2048)
 
 
-def _stats_fwd(x, w, y, vocab_size, scale, want_entropy, bt, bv, interpret):
-    lp, lse, ent = _forward(x, w, y, vocab_size, scale, bt, bv, interpret)
-    return TokenStats(lp, lse, ent if want_entropy else None), (x, w, y, lse, ent)
-
-
-def _stats_bwd(vocab_size, scale, want_entropy, bt, bv, interpret, res, g):
-    x, w, y, lse, ent = res
-    g_ent = g.entropy if want_entropy else jnp.zeros_like(lse)
-    dx, dw = _chunked_backward(x, w, y, None, lse, ent, g.logprob, g.lse, g_ent, vocab_size, scale, 512, 2048)
-    return dx, dw, None
-
-
-_stats.defvjp(_stats_fwd, _stats_bwd)
+_stats = custom_vjp_stats(_forward, _backward)
 
 
 def token_stats(hidden, weight, targets, *, vocab_size, scale, entropy, block_t=None, block_v=None,
@@ -98,5 +84,5 @@ def token_stats(hidden, weight, targets, *, vocab_size, scale, entropy, block_t=
     bv = min(block_v or 128, weight.shape[0])
     if not interpret and (bt & (bt - 1) or bv & (bv - 1)):
         raise NotImplementedError(f"pallas_gpu needs power-of-two tiles, found {bt} x {bv}")
-    return _stats(hidden, weight.astype(hidden.dtype), targets, vocab_size, float(scale), bool(entropy), bt, bv,
-                  bool(interpret))
+    return _stats(hidden, weight.astype(hidden.dtype), targets, bool(entropy),
+                  (vocab_size, float(scale), bt, bv, bool(interpret)))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from her_jax.kernels.dual_layer_loss import _NEG, TokenStats
+from her_jax.kernels.dual_layer_loss import _NEG, TokenStats, custom_vjp_stats
 
 VMEM_LIMIT = 48 * 2**20  # v5e/v6e: 128 MiB per core, v5p: 64 MiB; leave room for Mosaic's own use
 _VMEM_BUDGET = 24 * 2**20
@@ -176,26 +176,12 @@ def _backward(x, w, y, stats, vocab_size, scale, bt, bv, interpret):
     return dx, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
-def _stats(x, w, y, vocab_size, scale, want_entropy, bt, bv, interpret):
-    lp, lse, ent = _forward(x, w, y, vocab_size, scale, bt, bv, interpret)
-    return TokenStats(lp, lse, ent if want_entropy else None)
+def _backward_from_stats(x, w, y, lse, ent, g_lp, g_lse, g_ent, vocab_size, scale, bt, bv, interpret):
+    stats = jnp.stack([lse, ent, g_lp, g_lse, g_ent], axis=1).astype(jnp.float32)
+    return _backward(x, w, y, stats, vocab_size, scale, bt, bv, interpret)
 
 
-def _stats_fwd(x, w, y, vocab_size, scale, want_entropy, bt, bv, interpret):
-    lp, lse, ent = _forward(x, w, y, vocab_size, scale, bt, bv, interpret)
-    return TokenStats(lp, lse, ent if want_entropy else None), (x, w, y, lse, ent)
-
-
-def _stats_bwd(vocab_size, scale, want_entropy, bt, bv, interpret, res, g):
-    x, w, y, lse, ent = res
-    g_ent = g.entropy if want_entropy else jnp.zeros_like(lse)
-    stats = jnp.stack([lse, ent, g.logprob, g.lse, g_ent], axis=1).astype(jnp.float32)
-    dx, dw = _backward(x, w, y, stats, vocab_size, scale, bt, bv, interpret)
-    return dx, dw, None
-
-
-_stats.defvjp(_stats_fwd, _stats_bwd)
+_stats = custom_vjp_stats(_forward, _backward_from_stats)
 
 
 def token_stats(hidden, weight, targets, *, vocab_size, scale, entropy, block_t=None, block_v=None,
@@ -205,5 +191,5 @@ def token_stats(hidden, weight, targets, *, vocab_size, scale, entropy, block_t=
     bt, bv = _blocks(hidden.shape[0], weight.shape[0], hidden.shape[1], jnp.dtype(hidden.dtype).itemsize,
                      block_t, block_v)
     weight = weight.astype(hidden.dtype)  # no-op when the head already has the compute dtype
-    return _stats(hidden, weight, targets, vocab_size, float(scale), bool(entropy), bt, bv, bool(interpret))
+    return _stats(hidden, weight, targets, bool(entropy), (vocab_size, float(scale), bt, bv, bool(interpret)))
 

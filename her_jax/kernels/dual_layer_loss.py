@@ -218,6 +218,30 @@ def _xla_chunked_bwd(vocab_size, scale, want_entropy, bt, bv, res, g):
 _xla_chunked.defvjp(_xla_chunked_fwd, _xla_chunked_bwd)
 
 
+def custom_vjp_stats(forward, backward):
+    """A `TokenStats` function with a custom VJP, for kernels written as
+    forward(x, w, y, *static) -> (logprob, lse, entropy) and
+    backward(x, w, y, lse, entropy, g_logprob, g_lse, g_entropy, *static) -> (dx, dw);
+    call it as f(x, w, y, want_entropy, static_tuple)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+    def stats(x, w, y, want_entropy, static):
+        lp, lse, ent = forward(x, w, y, *static)
+        return TokenStats(lp, lse, ent if want_entropy else None)
+
+    def fwd(x, w, y, want_entropy, static):
+        lp, lse, ent = forward(x, w, y, *static)
+        return TokenStats(lp, lse, ent if want_entropy else None), (x, w, y, lse, ent)
+
+    def bwd(want_entropy, static, res, g):
+        x, w, y, lse, ent = res
+        g_ent = g.entropy if want_entropy else jnp.zeros_like(lse)
+        return (*backward(x, w, y, lse, ent, g.logprob, g.lse, g_ent, *static), None)
+
+    stats.defvjp(fwd, bwd)
+    return stats
+
+
 # ------------------------------------------------------------------------------------------------
 # dispatcher
 

@@ -33,15 +33,14 @@ GIB = 2**30
 
 
 def memory_growth(out: dict) -> None:
-    from jax.experimental import topologies
+    from her_jax.parallel.topology import parse_slice
 
     try:
-        topo = topologies.get_topology_desc(topology_name="v5:2x2x1", platform="tpu", chip_config_name="megacore",
-                                            chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False,) * 3)
+        devices = parse_slice("v5p-8").devices()
     except RuntimeError as e:
         print(f"(no TPU memory figures: {e})")
         return
-    chip = jax.sharding.SingleDeviceSharding(topo.devices[0])
+    chip = jax.sharding.SingleDeviceSharding(devices[0])
     n, k, h = 16, 8, 128
 
     def loss(impl):

@@ -64,14 +64,13 @@ def main() -> None:
     out["growth_32k_over_8k"] = round(out["fused_temp_gib_32k"] / out["fused_temp_gib_8k"], 3)
 
     try:
-        from jax.experimental import topologies
+        from her_jax.parallel.topology import parse_slice
 
-        topo = topologies.get_topology_desc(topology_name="v5:2x2x1", platform="tpu", chip_config_name="megacore",
-                                            chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False,) * 3)
+        devices = parse_slice("v5p-8").devices()
     except RuntimeError as e:
         print(f"(no TPU AOT figures: {e})")
     else:
-        chip = jax.sharding.SingleDeviceSharding(topo.devices[0])
+        chip = jax.sharding.SingleDeviceSharding(devices[0])
         for h, t in ((1024, 8192), (1024, 32768), (5120, 8192)):
             for name, fn in (("naive", naive), ("xla_chunked", fused("xla_chunked")), ("pallas_tpu", fused("pallas_tpu"))):
                 gib = temp_gib(fn, t, h, sharding=chip)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import TPU_TOPOLOGIES, tpu_devices
+from helpers import TPU_SLICES, tpu_devices
 
 from her_jax.kernels.dual_view_attention import block_table, dense_attention, flash_attention, visibility_mask
 
@@ -115,7 +115,7 @@ def test_model_flash_equals_dense(rng):
     assert init_model(cfg).attention_impl() == "dense"  # "auto" on CPU
 
 
-@pytest.mark.parametrize("generation", sorted(TPU_TOPOLOGIES))
+@pytest.mark.parametrize("generation", sorted(TPU_SLICES))
 def test_flash_compiles_for_tpu(generation):
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P

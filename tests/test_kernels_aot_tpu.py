@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from helpers import TPU_TOPOLOGIES, tpu_devices
+from helpers import TPU_SLICES, tpu_devices
 
 from her_jax.kernels.dual_layer_loss import sharded_token_stats
 
-@pytest.mark.parametrize("generation", sorted(TPU_TOPOLOGIES))
-@pytest.mark.parametrize("hidden", [1024, 5120])
+@pytest.mark.parametrize("generation", sorted(TPU_SLICES))
+@pytest.mark.parametrize("hidden", [1024, 4096, 5120])  # Qwen3-0.6B, 8B, 14B/32B widths
 def test_fused_loss_compiles_for_tpu(generation, hidden):
     mesh = Mesh(np.array(tpu_devices(generation)), ("data",))
     t, v = 2048 * mesh.size, 151936

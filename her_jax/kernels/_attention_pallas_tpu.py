@@ -86,6 +86,16 @@ def _specs(g, bq, bk, d, kv_outer=False):
     return q_like, kv, qm, km
 
 
+def _cost(q, k, matmuls: int, arrays) -> pl.CostEstimate:
+    """What XLA's scheduler and cost analysis should assume of a kernel: `matmuls` [T, S] x D
+    products per head over the causal half of the block pairs (dual-view rows skip more, so this
+    bounds the real work from above), one exp per score, and every array read or written once."""
+    bsz, nkv, g, t, d = q.shape
+    scores = bsz * nkv * g * t * k.shape[2] // 2
+    return pl.CostEstimate(flops=2 * matmuls * scores * d, transcendentals=scores,
+                           bytes_accessed=sum(a.size * a.dtype.itemsize for a in arrays))
+
+
 def _params(semantics):
     return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=VMEM_LIMIT)
 
@@ -106,6 +116,7 @@ def forward(q, k, v, q_meta, kv_meta, table, window, scale, bq, bk, interpret):
         grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((*q.shape[:4], 1), jnp.float32)],
         compiler_params=_params(("parallel", "parallel", "parallel", "arbitrary")),
+        cost_estimate=_cost(q, k, 2, (q, k, v, q)),
         interpret=interpret,
     )(table, window, q, k, v, q_meta, kv_meta)
 
@@ -182,6 +193,7 @@ def backward(q, k, v, q_meta, kv_meta, table, window, scale, bq, bk, interpret, 
             out_specs=q_like(d), scratch_shapes=[pltpu.VMEM((g * bq, d), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_params(("parallel", "parallel", "parallel", "arbitrary")),
+        cost_estimate=_cost(q, k, 3, (q, k, v, do, q)),
         interpret=interpret,
     )(table, window, q, k, v, q_meta, kv_meta, lse, do, delta)
     q_like, kv, qm, km = _specs(g, bq, bk, d, kv_outer=True)
@@ -193,6 +205,7 @@ def backward(q, k, v, q_meta, kv_meta, table, window, scale, bq, bk, interpret, 
             out_specs=[kv, kv], scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_params(("parallel", "parallel", "parallel", "arbitrary")),
+        cost_estimate=_cost(q, k, 4, (q, k, v, do, k, v)),
         interpret=interpret,
     )(table, window, q, k, v, q_meta, kv_meta, lse, do, delta)
     return dq, dk, dv

@@ -32,7 +32,7 @@ ACTIVATIONS = ("silu", "swish", "gelu", "gelu_python", "gelu_new", "gelu_fast", 
 # Every RoPE type transformers offers Qwen3 ('dynamic' and 'longrope' depend on the call's length).
 ROPE_TYPES = ("default", "linear", "proportional", "llama3", "yarn", "dynamic", "longrope")
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj", "mlp", "mlp_offload")
 # "auto": the Pallas flash kernel on TPU, dense XLA attention elsewhere; "pallas_interpret" runs the
 # TPU kernel in Pallas interpret mode (any backend; tests and debugging).
 ATTENTION_IMPLS = ("auto", "dense", "pallas_tpu", "pallas_interpret")
@@ -66,8 +66,8 @@ def _thawed(items: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
 class Qwen3Config:
     """A dense Qwen3 decoder.
 
-    Architecture fields mirror HF's `Qwen3Config`; `param_dtype`, `dtype` (compute), `remat` and
-    `attention_impl` are run-time choices of ours and are not part of the HF file.
+    Architecture fields mirror HF's `Qwen3Config`; `param_dtype`, `dtype` (compute), `remat`,
+    `attention_impl` and `scan_layers` are run-time choices of ours and are not part of the HF file.
     """
 
     vocab_size: int
@@ -94,6 +94,9 @@ class Qwen3Config:
     dtype: str = "float32"
     remat: str = "full"
     attention_impl: str = "auto"
+    # Layers run under `lax.scan` (compile time flat in depth); False unrolls them (AOT FLOP counts:
+    # XLA's cost analysis counts a loop body once).
+    scan_layers: bool = True
     # Everything else from the HF config.json (token ids, torch dtype, ...), kept for export.
     hf_extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
     # The HF generation_config.json that came with the weights (written back on export).

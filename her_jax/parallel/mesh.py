@@ -9,6 +9,7 @@ import os
 from collections.abc import Sequence
 
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from her_jax.parallel.rules import MESH_AXES
@@ -48,7 +49,19 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence | None = None)
     config = config or MeshConfig()
     devices = list(devices if devices is not None else jax.devices())
     shape = config.resolve(len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    # Several TPU slices joined over the data-centre network: only the data axis crosses slices
+    # (one gradient all-reduce per step), FSDP and tensor traffic stays on each slice's ICI.
+    data, fsdp, tensor = shape
+    if data % slices:
+        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, shape))}: {slices} TPU slices need mesh.data to be a "
+                         f"multiple of {slices} (the data axis spans the slices), found data={data}")
+    grid = mesh_utils.create_hybrid_device_mesh((data // slices, fsdp, tensor), (slices, 1, 1), devices,
+                                                allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -57,7 +70,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
     Explicit arguments win, then the environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
     `JAX_PROCESS_ID`), then cluster auto-detection: a multi-host TPU slice (`TPU_WORKER_HOSTNAMES`
-    lists several hosts; jax reads the rest from the TPU VM) or a SLURM job with several tasks.
+    lists several hosts, as on GKE; on Cloud TPU VMs `HER_DISTRIBUTED=1`, which tpu_scripts/launch.sh
+    sets, lets jax read the workers from the VM metadata) or a SLURM job with several tasks.
     A single process needs nothing and gets nothing.
     """
     if jax.distributed.is_initialized():
@@ -75,7 +89,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id)
     elif len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1 or \
-            int(env.get("SLURM_NTASKS", "1")) > 1:
+            int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("HER_DISTRIBUTED") == "1":
         jax.distributed.initialize()
     else:
         return False

@@ -140,3 +140,26 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: Rules, wh
         return x
     spec = logical_to_spec(logical_axes, x.shape, mesh, rules, what=f"activation '{what}'")
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def partition_specs(state, mesh_shape: Mapping[str, int], rules: Rules = DEFAULT_RULES) -> dict[str, dict]:
+    """{parameter path: {"shape", "dtype", "spec"}} of an (abstract) model state on a mesh of these
+    axis sizes: the whole layout in a JSON-ready form (golden snapshots, docs). No devices needed."""
+    out = {}
+    for path, var in jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+        name = path_name(path)
+        value = var.get_value() if isinstance(var, nnx.Variable) else var
+        axes = var.get_metadata().get("logical_axes") if isinstance(var, nnx.Variable) else None
+        if axes is None:
+            raise ShardingError(f"parameter '{name}' carries no logical_axes metadata")
+        spec = logical_to_spec(axes, value.shape, _Sizes(mesh_shape), rules, what=f"parameter '{name}'")
+        out[name] = {"shape": list(value.shape), "dtype": str(value.dtype),
+                     "spec": [list(p) if isinstance(p, tuple) else p for p in spec]}
+    return out
+
+
+class _Sizes:
+    """Stands in for a mesh where only the axis sizes matter."""
+
+    def __init__(self, shape: Mapping[str, int]):
+        self.shape = dict(shape)

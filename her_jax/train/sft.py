@@ -260,7 +260,7 @@ class Trainer:
             bar = tqdm(total=cfg.steps, initial=self.iteration, desc="sft", unit="step")
         last = {}
         try:
-            while self.iteration < cfg.steps and not self._stop:
+            while self.iteration < cfg.steps and not self._stop_agreed():
                 local = next(self.data_iter)
                 batch = self._global_batch(local, cfg.micro_batches)
                 start = time.perf_counter()
@@ -328,6 +328,16 @@ class Trainer:
 
     def _on_sigterm(self, signum, frame) -> None:
         self._stop = True
+
+    def _stop_agreed(self) -> bool:
+        """Whether any process got SIGTERM: all stop (and checkpoint) at the same step, so none is
+        left waiting in a collective of a step the others never run."""
+        if jax.process_count() == 1:
+            return self._stop
+        from jax.experimental import multihost_utils
+
+        self._stop = bool(np.any(multihost_utils.process_allgather(np.array([self._stop]))))
+        return self._stop
 
 
 def _gather_json(local_state) -> list:

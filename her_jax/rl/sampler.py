@@ -1,0 +1,199 @@
+"""Batched generation with the model's KV cache: what RL rollouts, the chat CLI and evaluation use.
+
+Prompts of different lengths are left-padded into one batch; each row's positions start at 0 at
+its first real token and padding is a document of its own, so a prompt's tokens and log-probs do
+not depend on what else is in the batch. A jitted prefill fills the cache; a `lax.while_loop`
+decodes (the cache is donated, so it is updated in place) until every row has produced a stop
+token or the token budget is spent. Sampling: greedy (temperature 0), temperature, top-k, top-p;
+reproducible from a seed. The reported log-prob of a sampled token is log softmax(logits / T) over
+the whole vocabulary — the number the trainer's fused loss computes for the same token at the same
+temperature (top-k / top-p only restrict what can be drawn).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+IM_END = 151645  # <|im_end|>
+PAD = 151643  # <|endoftext|>
+_PAD_DOC = -2  # document id of left padding (the cache's empty slots hold -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = no limit
+    top_p: float = 1.0
+    stop_tokens: tuple[int, ...] = (IM_END,)
+    pad_id: int = PAD
+
+    def __post_init__(self):
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0):
+            raise ValueError(f"max_new_tokens: expected a positive int, found {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature: expected >= 0, found {self.temperature!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"top_k: expected an int >= 0, found {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: expected a number in (0, 1], found {self.top_p!r}")
+
+
+class Generation(NamedTuple):
+    """Per row: the generated tokens (pad_id after the end), their log-probs (0 after the end), the
+    number generated (a stop token included) and whether a stop token ended the row."""
+
+    tokens: np.ndarray  # [B, max_new_tokens] int32
+    logprobs: np.ndarray  # [B, max_new_tokens] float32
+    lengths: np.ndarray  # [B] int32
+    finished: np.ndarray  # [B] bool
+
+    def sequences(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+
+def token_logprobs(logits, tokens, temperature: float):
+    """log softmax(logits / T)[token] over the whole vocabulary (T = 1 for greedy decoding)."""
+    z = logits.astype(jnp.float32) / (temperature if temperature > 0 else 1.0)
+    picked = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0]
+    return picked - jax.nn.logsumexp(z, axis=-1)
+
+
+def sample_tokens(logits, key, params: SamplingParams):
+    """Draw one token per row of logits [B, V]; returns (tokens [B] int32, log-probs [B])."""
+    logits = logits.astype(jnp.float32)
+    if params.temperature == 0:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return tokens, token_logprobs(logits, tokens, 0.0)
+    z = logits / params.temperature
+    allowed = z
+    if params.top_k:
+        kth = jax.lax.top_k(z, min(params.top_k, z.shape[-1]))[0][:, -1:]
+        allowed = jnp.where(z < kth, -jnp.inf, allowed)
+    if params.top_p < 1:
+        ordered = jnp.sort(allowed, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(before < params.top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+        allowed = jnp.where(allowed < cutoff, -jnp.inf, allowed)
+    # Inverse-CDF sampling: one uniform number per row instead of Gumbel noise for every logit.
+    lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
+    probs = jnp.exp(allowed - (lse if allowed is z else jax.nn.logsumexp(allowed, axis=-1, keepdims=True)))
+    u = jax.random.uniform(key, (z.shape[0], 1), jnp.float32)
+    cdf = jnp.cumsum(probs, axis=-1)
+    tokens = jnp.minimum(jnp.sum(cdf <= u * cdf[:, -1:], axis=-1), z.shape[-1] - 1).astype(jnp.int32)
+    # A drawn token must be allowed (cdf ties at a masked token can only precede an allowed one).
+    tokens = jnp.where(jnp.take_along_axis(probs, tokens[:, None], axis=-1)[:, 0] > 0, tokens,
+                       jnp.argmax(allowed, axis=-1).astype(jnp.int32))
+    picked = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0]
+    return tokens, picked - lse[:, 0]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = 64):
+    """tokens, positions, doc ids [B, P] and prompt lengths [B]; P rounds the longest prompt up to
+    a multiple of `bucket` (fewer recompilations across calls)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    width = int(-(-lengths.max() // bucket) * bucket)
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    positions = np.zeros_like(tokens)
+    docs = np.full_like(tokens, _PAD_DOC)
+    for i, p in enumerate(prompts):
+        n = len(p)
+        tokens[i, width - n:] = np.asarray(p, np.int32)
+        positions[i, width - n:] = np.arange(n)
+        docs[i, width - n:] = 0
+    return tokens, positions, docs, lengths
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "capacity"))
+def _prefill(graphdef, state, tokens, positions, docs, key, *, params: SamplingParams, capacity: int):
+    model = nnx.merge(graphdef, state)
+    cache = model.init_cache(tokens.shape[0], capacity)
+    logits, cache = model.extend(tokens, cache, positions=positions, doc_ids=docs, view_ids=jnp.zeros_like(tokens))
+    first, logprob = sample_tokens(logits[:, -1], jax.random.fold_in(key, 0), params)
+    return cache, first, logprob
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params"), donate_argnames=("cache",))
+def _decode(graphdef, state, cache, first, first_logprob, prompt_lengths, key, *, params: SamplingParams):
+    model = nnx.merge(graphdef, state)
+    b, n = first.shape[0], params.max_new_tokens
+    stops = jnp.asarray(params.stop_tokens or (-1,), jnp.int32)
+    out_tokens = jnp.full((b, n), params.pad_id, jnp.int32).at[:, 0].set(first)
+    out_logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(first_logprob)
+    done = jnp.isin(first, stops)
+    lengths = jnp.ones((b,), jnp.int32)
+
+    def cond(carry):
+        i, _, _, _, _, done, _ = carry
+        return (i < n) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, previous, out_tokens, out_logprobs, done, lengths = carry
+        zeros = jnp.zeros((b, 1), jnp.int32)
+        logits, cache = model.extend(previous[:, None], cache, positions=(prompt_lengths + i - 1)[:, None],
+                                     doc_ids=zeros, view_ids=zeros)
+        token, logprob = sample_tokens(logits[:, 0], jax.random.fold_in(key, i), params)
+        token = jnp.where(done, params.pad_id, token)
+        out_tokens = out_tokens.at[:, i].set(token)
+        out_logprobs = out_logprobs.at[:, i].set(jnp.where(done, 0.0, logprob))
+        lengths = jnp.where(done, lengths, i + 1)
+        done = done | jnp.isin(token, stops)
+        return i + 1, cache, token, out_tokens, out_logprobs, done, lengths
+
+    carry = (jnp.int32(1), cache, first, out_tokens, out_logprobs, done, lengths)
+    _, cache, _, out_tokens, out_logprobs, done, lengths = jax.lax.while_loop(cond, body, carry)
+    return (out_tokens, out_logprobs, lengths, done), cache  # the cache aliases the donated one
+
+
+def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams = SamplingParams(), *, seed: int = 0,
+             prefill: Sequence[int] = (), mesh=None, bucket: int = 64) -> Generation:
+    """Continue each prompt (token ids, e.g. `Renderer.prompt(messages)`) by up to
+    `params.max_new_tokens` tokens. `prefill` ids are appended to every prompt first and are not
+    part of the output (e.g. the ids of `<system_thinking>` to start the turn with a plan).
+    With `mesh`, rows are split over its ('data', 'fsdp') axes when they divide the batch."""
+    prompts = [list(p) + list(prefill) for p in prompts]
+    vocab = model.config.vocab_size
+    for i, p in enumerate(prompts):
+        if min(p, default=0) < 0 or max(p, default=0) >= vocab:
+            raise ValueError(f"generate: prompt {i} holds token ids outside [0, {vocab})")
+    tokens, positions, docs, lengths = left_pad(prompts, 0, bucket)  # padding is masked: any id in range
+    capacity = tokens.shape[1] + params.max_new_tokens
+    if capacity > model.config.max_position_embeddings:
+        raise ValueError(f"generate: prompt ({tokens.shape[1]} padded) + {params.max_new_tokens} new tokens exceed "
+                         f"max_position_embeddings={model.config.max_position_embeddings}")
+    graphdef, state = nnx.split(model)
+    key = jax.random.key(seed)
+    arrays = [tokens, positions, docs, lengths]
+    if mesh is not None:
+        axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
+        rows = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        spec = P(axes) if axes and len(prompts) % rows == 0 else P()
+        arrays = [jax.device_put(a, NamedSharding(mesh, P(*spec, *([None] * (a.ndim - 1))))) for a in arrays]
+    tokens, positions, docs, lengths = arrays
+    with jax.set_mesh(mesh) if mesh is not None else _nothing():
+        cache, first, logprob = _prefill(graphdef, state, tokens, positions, docs, key, params=params,
+                                         capacity=capacity)
+        out, _ = _decode(graphdef, state, cache, first, logprob, lengths, key, params=params)
+    return Generation(*(np.asarray(x) for x in out))
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

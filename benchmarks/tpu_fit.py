@@ -29,13 +29,13 @@ ROWS = [
     ("qwen3_0.6b_single_host.yaml", "v5p-8", "qwen3-0.6b", []),
     ("qwen3_0.6b_single_host.yaml", "v6e-8", "qwen3-0.6b", ["micro_batches=1"]),
     ("qwen3_8b_sft_v5p.yaml", "v5p-8", None, []),
-    ("qwen3_8b_sft_v5p.yaml", "v6e-8", None, ["model.remat=full"]),
+    ("qwen3_8b_sft_v5p.yaml", "v6e-16", None, ["model.remat=full", "data.batch_size=16"]),
     ("qwen3_14b_sft_v5e.yaml", "v5e-64", None, []),
     ("qwen3_32b_sft_v5p.yaml", "v5p-32", None, []),
     ("qwen3_32b_sft_v5p.yaml", "v5p-32", None, ["model.remat=full"]),
     ("qwen3_32b_sft_v5p.yaml", "v5p-32", None, ["model.remat=mlp_offload"]),
     ("qwen3_32b_sft_v5p_32k.yaml", "v5p-64", None, []),
-    ("qwen3_32b_sft_v6e.yaml", "v6e-64", None, []),
+    ("qwen3_32b_sft_v6e.yaml", "v6e-128", None, []),
 ]
 
 

@@ -138,7 +138,7 @@ PERTURB = {
 }
 # Not part of the forward math: our run-time choices, init scale, and metadata kept for export
 # (max_position_embeddings feeds no RoPE type we support; transformers ignores it there too).
-NOT_MATH = {"param_dtype", "dtype", "remat", "attention_impl", "initializer_range", "max_position_embeddings", "hf_extra",
+NOT_MATH = {"param_dtype", "dtype", "remat", "attention_impl", "scan_layers", "initializer_range", "max_position_embeddings", "hf_extra",
             "generation_config"}
 
 
@@ -184,7 +184,12 @@ def test_runtime_fields_take_effect(tmp_path, rng):
     for policy in ("full", "dots"):
         for a, b in zip(jax.tree.leaves(values["none"]), jax.tree.leaves(values[policy])):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-    del f32
+    # scan_layers=False unrolls the layer loop (for FLOP counting): same logits, no while loop.
+    unrolled = nnx.merge(*nnx.split(f32))
+    unrolled.config = f32.config.replace(scan_layers=False)
+    np.testing.assert_allclose(forward(unrolled, tokens), forward(f32, tokens), rtol=1e-6, atol=1e-6)
+    hlo = lambda m: jax.jit(lambda s: nnx.merge(nnx.graphdef(m), s)(tokens)).lower(nnx.state(m)).as_text()
+    assert "while" in hlo(f32) and "while" not in hlo(unrolled)
 
 
 def test_initializer_range_sets_the_init_scale():

@@ -283,12 +283,14 @@ class Qwen3(nnx.Module):
         meta = jnp.zeros((batch, capacity), jnp.int32)
         return KVCache(k=kv, v=kv, pos=meta, doc=meta - 1, view=meta, length=jnp.zeros((), jnp.int32))
 
-    def extend(self, tokens, cache: KVCache, *, positions=None, doc_ids=None, view_ids=None
-               ) -> tuple[jax.Array, KVCache]:
+    def extend(self, tokens, cache: KVCache, *, positions=None, doc_ids=None, view_ids=None,
+               hidden: bool = False) -> tuple[jax.Array, KVCache]:
         """Run T new tokens against the cache (prefill when T > 1, one decode step when T = 1).
 
         Writes their keys/values at slots [cache.length, cache.length + T) and returns
-        (logits [B, T, V] float32, updated cache). Positions default to length + 0..T-1.
+        (logits [B, T, V] float32, updated cache). Positions default to length + 0..T-1. With
+        `hidden=True`, the final-norm hidden states [B, T, D] instead of logits (for a caller that
+        applies `head_weight()` its own way, e.g. the sampler).
         """
         start = cache.length
         used = _concrete(start)
@@ -304,7 +306,7 @@ class Qwen3(nnx.Module):
         masks = self._masks(q_idx, k_idx, doc_ids, doc, view_ids, view, positions, pos)  # decoding is dense
         h, (k_all, v_all) = self._backbone(tokens, positions, ("dense", masks), (cache.k, cache.v), start)
         new_cache = KVCache(k=k_all, v=v_all, pos=pos, doc=doc, view=view, length=start + t)
-        return self.logits(h), new_cache
+        return (h if hidden else self.logits(h)), new_cache
 
     # -- internals ---------------------------------------------------------------------------------
     def _check_inputs(self, tokens, positions, doc_ids, view_ids, offset):

@@ -45,9 +45,9 @@ def test_greedy_equals_argmax_of_full_forward_at_every_step(model):
             assert abs(out.logprobs[row, step] - _log_softmax(logits)[out.tokens[row, step]]) < 1e-5
 
 
-def test_sampled_logprobs_equal_the_trainers_fused_loss_forward(model):
-    temperature = 0.8
-    params = SamplingParams(max_new_tokens=8, temperature=temperature, top_k=50, top_p=0.95, stop_tokens=())
+@pytest.mark.parametrize("temperature, filters", [(0.8, dict(top_k=50, top_p=0.95)), (1.3, {})])
+def test_sampled_logprobs_equal_the_trainers_fused_loss_forward(model, temperature, filters):
+    params = SamplingParams(max_new_tokens=8, temperature=temperature, stop_tokens=(), **filters)
     out = generate(model, PROMPTS, params, seed=7, bucket=8)
     for row, prompt in enumerate(PROMPTS):
         seq = np.array([list(prompt) + out.tokens[row].tolist()], np.int32)

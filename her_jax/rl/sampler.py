@@ -12,6 +12,7 @@ temperature (top-k / top-p only restrict what can be drawn).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Sequence
@@ -210,16 +211,9 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams = S
         spec = P(axes) if axes and len(prompts) % rows == 0 else P()
         arrays = [jax.device_put(a, NamedSharding(mesh, P(*spec, *([None] * (a.ndim - 1))))) for a in arrays]
     tokens, positions, docs, lengths = arrays
-    with jax.set_mesh(mesh) if mesh is not None else _nothing():
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         cache, first, logprob = _prefill(graphdef, state, tokens, positions, docs, key, params=params,
                                          capacity=capacity)
         out, _ = _decode(graphdef, state, cache, first, logprob, lengths, key, params=params)
     return Generation(*(np.asarray(x) for x in out))
 
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

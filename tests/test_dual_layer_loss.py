@@ -168,8 +168,9 @@ def test_token_sharded_equals_unsharded(rng, impl):
     ref = jax.value_and_grad(f, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w), False)
     with jax.set_mesh(mesh):
         got = jax.jit(jax.value_and_grad(f, argnums=(0, 1)), static_argnums=2)(jnp.asarray(x), jnp.asarray(w), True)
-    assert rel(got[0], ref[0]) <= 1e-6
-    assert rel(got[1][0], ref[1][0]) <= 1e-6 and rel(got[1][1], ref[1][1]) <= 1e-6  # dW reduced once, not 4x
+    # f32 sums in another order (KERNELS.md: 1e-5; a dW reduced 4x instead of once would be off by 3)
+    assert rel(got[0], ref[0]) <= 1e-5
+    assert rel(got[1][0], ref[1][0]) <= 1e-5 and rel(got[1][1], ref[1][1]) <= 1e-5  # dW reduced once, not 4x
 
 
 def test_fused_loss_memory_targets():

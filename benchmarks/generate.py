@@ -4,10 +4,14 @@ A tiny-but-real Qwen3 (4 layers, width 512, 8 query / 4 KV heads x 64, the real 
 vocabulary, untied head, float32) is built in transformers, converted to her_jax through the HF
 folder, and both generate for the same batch of prompts: batch 8, 64-token prompts, exactly 256
 new tokens (no early stop), temperature 1 sampling with no top-k/top-p on both sides. Each side
-runs once to warm up (compilation) and is then timed over --repeats runs in this one process.
+runs once to warm up (compilation); then the two sides take turns for --repeats runs each, in this
+one process, and each side's median counts.
 Ends with one JSON line: her_jax_tokens_per_s, hf_tokens_per_s, speedup.
+With --device gpu both sides run on the first CUDA GPU (f32 matrix products at full precision on
+both: no TF32).
 
-    python benchmarks/generate.py [--repeats 3] [--batch 8] [--new-tokens 256]
+    python benchmarks/generate.py [--repeats 3] [--batch 8] [--new-tokens 256] [--device cpu|gpu]
+                                  [--unstack-layers auto|on|off]
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 MODEL = dict(vocab_size=151936, hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=4, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=False,
@@ -34,7 +37,11 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--unstack-layers", choices=("auto", "on", "off"), default="auto",
+                   help="her_jax decode with per-layer weight copies (auto: everywhere but TPU)")
     args = p.parse_args()
+    os.environ["JAX_PLATFORMS"] = "cpu" if args.device == "cpu" else "cuda"
 
     import jax
     import numpy as np
@@ -44,6 +51,11 @@ def main() -> int:
     from her_jax.convert.hf import load_hf
     from her_jax.rl.sampler import SamplingParams, generate
 
+    torch_device = "cpu" if args.device == "cpu" else "cuda"
+    if args.device == "gpu":
+        jax.config.update("jax_default_matmul_precision", "highest")
+        torch.backends.cuda.matmul.allow_tf32 = False
+    unstack = {"auto": None, "on": True, "off": False}[args.unstack_layers]
     torch.manual_seed(0)
     hf = Qwen3ForCausalLM(Qwen3Config(**MODEL)).eval()
     rng = np.random.default_rng(0)
@@ -51,43 +63,51 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
         ours = load_hf(folder)
+    hf = hf.to(torch_device)
     device = jax.devices()[0]
     print(f"model: 4 layers, width 512, vocab 151,936, float32; batch {args.batch}, prompt {args.prompt}, "
-          f"{args.new_tokens} new tokens; jax on {device.platform} ({device.device_kind}), torch {torch.__version__} "
-          f"with {torch.get_num_threads()} threads")
+          f"{args.new_tokens} new tokens; jax {jax.__version__} on {device.platform} ({device.device_kind}), "
+          f"torch {torch.__version__} on {torch_device}"
+          + (f" with {torch.get_num_threads()} threads" if torch_device == "cpu" else ""))
 
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, stop_tokens=())
 
     def run_ours(seed):
-        out = generate(ours, prompts.tolist(), params, seed=seed)
+        out = generate(ours, prompts.tolist(), params, seed=seed, unstack_layers=unstack)
         assert (out.lengths == args.new_tokens).all()
         return out.tokens.size
 
     def run_hf(seed):
         torch.manual_seed(seed)
+        ids = torch.from_numpy(prompts).to(torch_device)
         with torch.no_grad():
-            out = hf.generate(torch.from_numpy(prompts), attention_mask=torch.ones_like(torch.from_numpy(prompts)),
-                              do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
-                              min_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0)
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+                              top_p=1.0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                              eos_token_id=None, pad_token_id=0)
+        out = out.cpu()  # waits for the GPU
         assert out.shape == (args.batch, args.prompt + args.new_tokens)
         return (out.shape[1] - args.prompt) * out.shape[0]
 
-    results = {}
-    print(f"{'':<10}{'warm-up s':>10}{'tokens/s (median of ' + str(args.repeats) + ')':>28}")
-    for name, fn in (("her_jax", run_ours), ("hf", run_hf)):
+    sides = {"her_jax": run_ours, "hf": run_hf}
+    warm, speeds = {}, {name: [] for name in sides}
+    for name, fn in sides.items():
         start = time.perf_counter()
         fn(0)
-        warm = time.perf_counter() - start
-        speeds = []
-        for r in range(args.repeats):
+        warm[name] = time.perf_counter() - start
+    for r in range(args.repeats):  # alternate the sides, so a slow spell of the machine hits both
+        for name, fn in sides.items():
             start = time.perf_counter()
             n = fn(r + 1)
-            speeds.append(n / (time.perf_counter() - start))
-        results[name] = float(np.median(speeds))
-        print(f"{name:<10}{warm:>10.1f}{results[name]:>28.1f}")
+            speeds[name].append(n / (time.perf_counter() - start))
+    results = {name: float(np.median(s)) for name, s in speeds.items()}
+    print(f"{'':<10}{'warm-up s':>10}{'tokens/s (median of ' + str(args.repeats) + ')':>28}   each run")
+    for name in sides:
+        print(f"{name:<10}{warm[name]:>10.1f}{results[name]:>28.1f}   "
+              + " ".join(f"{x:.1f}" for x in speeds[name]))
     out = {"her_jax_tokens_per_s": round(results["her_jax"], 1), "hf_tokens_per_s": round(results["hf"], 1),
            "speedup": round(results["her_jax"] / results["hf"], 2), "batch": args.batch,
-           "new_tokens": args.new_tokens, "platform": device.platform}
+           "new_tokens": args.new_tokens, "platform": device.platform, "device": device.device_kind,
+           "unstack_layers": args.unstack_layers}
     print(json.dumps(out))
     return 0
 

@@ -43,8 +43,10 @@ def reference64(x, w, y, vocab_size, cot, temperature=1.0):
         return jax.tree.map(np.asarray, (s, g))
 
 
-# T not a multiple of the token tile, V not a multiple of the vocab tile, padded rows, temperature.
-SHAPES = [(203, 64, 1000, None, 1.0), (64, 128, 777, 700, 0.7), (300, 32, 4096, 4000, 1.3), (17, 16, 100, None, 1.0)]
+# T not a multiple of the token tile, V not a multiple of the vocab tile, padded rows, temperature,
+# a hidden size that is not a power of two (the GPU kernel then sums 3 hidden slices of 16).
+SHAPES = [(203, 64, 1000, None, 1.0), (64, 128, 777, 700, 0.7), (300, 32, 4096, 4000, 1.3), (17, 16, 100, None, 1.0),
+          (40, 48, 500, None, 1.0)]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -36,8 +36,10 @@ def _log_softmax(z):
     return z - np.log(np.exp(z).sum())
 
 
-def test_greedy_equals_argmax_of_full_forward_at_every_step(model):
-    out = generate(model, PROMPTS, SamplingParams(max_new_tokens=6, temperature=0, stop_tokens=()), bucket=8)
+@pytest.mark.parametrize("unstack_layers", [True, False], ids=["per-layer-weights", "stacked-scan"])
+def test_greedy_equals_argmax_of_full_forward_at_every_step(model, unstack_layers):
+    out = generate(model, PROMPTS, SamplingParams(max_new_tokens=6, temperature=0, stop_tokens=()), bucket=8,
+                   unstack_layers=unstack_layers)
     assert out.tokens.shape == (3, 6) and (out.lengths == 6).all() and not out.finished.any()
     for row, prompt in enumerate(PROMPTS):
         for step, logits in enumerate(_step_logits(model, prompt, out.tokens[row])):

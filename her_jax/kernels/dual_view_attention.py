@@ -29,20 +29,26 @@ def visibility_mask(q_idx, k_idx, q_doc, k_doc, q_view, k_view):
 
 
 def dense_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array,
-                    scale: float) -> jax.Array:
+                    scale: float, kv_layout: str = "bskh") -> jax.Array:
     """Softmax attention with grouped KV heads (no K/V repetition) and a dense boolean mask.
 
-    q: [B, T, N, H]; k, v: [B, S, K, H] with N a multiple of K; mask: [B, T, S] -> [B, T, N, H].
+    q: [B, T, N, H]; k, v: [B, S, K, H] with N a multiple of K (or [B, K, S, H] with
+    kv_layout="bksh", the KV cache's layout); mask: [B, T, S] -> [B, T, N, H].
     Scores and softmax in float32; the weights are cast to v's dtype before the value product.
     """
+    if kv_layout not in ("bskh", "bksh"):
+        raise ValueError(f"kv_layout: expected 'bskh' or 'bksh', found {kv_layout!r}")
     b, t, n, h = q_btnh.shape
-    k = k_bskh.shape[2]
+    k = k_bskh.shape[2 if kv_layout == "bskh" else 1]
+    kv = kv_layout
     q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum(f"btkgh,{kv}->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask_bts[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
-    return out.reshape(b, t, n, h)
+    # Heads-major product, then one transpose: asking the einsum for [B, T, K, G, H] directly makes
+    # XLA:CPU pick a batched dot ~15x slower at decode shapes (T = 1).
+    out = jnp.einsum(f"bkgts,{kv}->bkgth", probs, v_bskh)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -98,7 +98,10 @@ def apply_rope(x_btnh: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class KVCache:
     """Keys/values of every layer plus per-slot metadata for the visibility predicate.
 
-    k, v: [L, B, S, K, H]; pos, doc, view: [B, S] int32 (doc = -1 marks an empty slot);
+    k, v: [L, B, K, S, H] (heads before slots, so one layer's keys per KV head are a contiguous
+    [S, H] matrix that the attention products read without a transpose), or tuples of L arrays
+    [B, K, S, H] (`unstacked()`, for a decode loop that runs the layers one by one); pos, doc, view:
+    [B, S] int32 (doc = -1 marks an empty slot);
     length: [] int32, the number of slots written (the next write starts there).
     """
 
@@ -111,7 +114,20 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[2] if isinstance(self.k, tuple) else self.k.shape[3]
+
+    def unstacked(self) -> KVCache:
+        """The same cache with one array per layer (copies)."""
+        if isinstance(self.k, tuple):
+            return self
+        split = lambda a: tuple(a[i] for i in range(a.shape[0]))
+        return self.replace(k=split(self.k), v=split(self.v))
+
+    def stacked(self) -> KVCache:
+        """The same cache with the layers stacked on a leading axis again."""
+        if not isinstance(self.k, tuple):
+            return self
+        return self.replace(k=jnp.stack(self.k), v=jnp.stack(self.v))
 
 
 class Attention(nnx.Module):
@@ -145,9 +161,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd, cos, sin, attend, kv_cache=None, layer=None, start=None):
         """x: [B, T, D] -> [B, T, D]; `attend(q, k, v)` applies the visibility rule. With `kv_cache` =
-        (k_all, v_all) of shape [L, B, S, K, H], the new keys/values are written at slots
-        [start, start + T) of `layer` and attention reads all S slots; the updated (k_all, v_all)
-        is returned alongside."""
+        (k_all, v_all) of shape [L, B, K, S, H], the new keys/values are written at slots
+        [start, start + T) of `layer` and attention reads all S slots (k, v passed to `attend` as
+        [B, K, S, H]); the updated (k_all, v_all) is returned alongside. With `layer=None`, the
+        cache holds this layer alone ([B, K, S, H] each)."""
         c, rules = self.config, self.rules
         heads = ("act_batch", "act_seq", "act_heads", "act_head_dim")
         kv_heads = ("act_batch", "act_seq", "act_kv_heads", "act_head_dim")
@@ -157,11 +174,18 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k_all, v_all = kv_cache
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer, 0, start, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer, 0, start, 0, 0))
-            k, v = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
+            to_cache = lambda x: jnp.swapaxes(x, 1, 2).astype(k_all.dtype)  # [B, K, T, H]
+            if layer is None:  # this layer's own cache arrays
+                k_all = jax.lax.dynamic_update_slice(k_all, to_cache(k), (0, 0, start, 0))
+                v_all = jax.lax.dynamic_update_slice(v_all, to_cache(v), (0, 0, start, 0))
+                k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+            else:
+                k_all = jax.lax.dynamic_update_slice(k_all, to_cache(k)[None], (layer, 0, 0, start, 0))
+                v_all = jax.lax.dynamic_update_slice(v_all, to_cache(v)[None], (layer, 0, 0, start, 0))
+                k, v = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
             kv_cache = (k_all, v_all)
-        out = constrain(attend(q, k, v), heads, rules, "attention.out")
+        out = attend(q, k, v, "bskh" if kv_cache is None else "bksh")
+        out = constrain(out, heads, rules, "attention.out")
         out = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(out.dtype))
         if c.attention_bias:
             out = out + self.o_bias[...].astype(out.dtype)
@@ -273,24 +297,36 @@ class Qwen3(nnx.Module):
         logits = jnp.einsum("btd,vd->btv", hidden_btd, w, preferred_element_type=jnp.float32)
         return constrain(logits, ("act_batch", "act_seq", "act_vocab"), self.rules, "logits")
 
+    def layer_states(self) -> tuple[nnx.State, ...]:
+        """Each decoder layer's parameters as arrays of their own (copies of the stacked slices).
+
+        For a decode loop on backends that cannot read a weight out of the stacked array in place:
+        XLA:CPU and XLA:GPU copy every layer's weights out of the stack at every step of a scan
+        (4 of the 31 ms of a decode step of benchmarks/generate.py's model on CPU); taken once
+        before the loop, the copies cost one more set of layer weights in memory instead. XLA:TPU
+        reads the slice inside the matmul."""
+        _, stacked = nnx.split(self.layers)
+        return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.config.num_hidden_layers))
+
     def init_cache(self, batch: int, capacity: int, dtype=None) -> KVCache:
         """An empty cache for `batch` rows of up to `capacity` tokens (dtype: compute dtype by default)."""
         c = self.config
         dtype = jnp.dtype(dtype or c.dtype)
-        shape = (c.num_hidden_layers, batch, capacity, c.num_key_value_heads, c.head_dim)
-        kv_axes = ("layers", "act_batch", "cache_seq", "act_kv_heads", "act_head_dim")
+        shape = (c.num_hidden_layers, batch, c.num_key_value_heads, capacity, c.head_dim)
+        kv_axes = ("layers", "act_batch", "act_kv_heads", "cache_seq", "act_head_dim")
         kv = constrain(jnp.zeros(shape, dtype), kv_axes, self.rules, "kv_cache")
         meta = jnp.zeros((batch, capacity), jnp.int32)
         return KVCache(k=kv, v=kv, pos=meta, doc=meta - 1, view=meta, length=jnp.zeros((), jnp.int32))
 
     def extend(self, tokens, cache: KVCache, *, positions=None, doc_ids=None, view_ids=None,
-               hidden: bool = False) -> tuple[jax.Array, KVCache]:
+               hidden: bool = False, layers=None) -> tuple[jax.Array, KVCache]:
         """Run T new tokens against the cache (prefill when T > 1, one decode step when T = 1).
 
         Writes their keys/values at slots [cache.length, cache.length + T) and returns
         (logits [B, T, V] float32, updated cache). Positions default to length + 0..T-1. With
         `hidden=True`, the final-norm hidden states [B, T, D] instead of logits (for a caller that
-        applies `head_weight()` its own way, e.g. the sampler).
+        applies `head_weight()` its own way, e.g. the sampler). `layers`: the per-layer parameters
+        from `layer_states()`, run one after the other instead of a scan over the stacked ones.
         """
         start = cache.length
         used = _concrete(start)
@@ -304,7 +340,7 @@ class Qwen3(nnx.Module):
         q_idx = start + jnp.arange(t, dtype=jnp.int32)
         k_idx = jnp.arange(cache.capacity, dtype=jnp.int32)
         masks = self._masks(q_idx, k_idx, doc_ids, doc, view_ids, view, positions, pos)  # decoding is dense
-        h, (k_all, v_all) = self._backbone(tokens, positions, ("dense", masks), (cache.k, cache.v), start)
+        h, (k_all, v_all) = self._backbone(tokens, positions, ("dense", masks), (cache.k, cache.v), start, layers)
         new_cache = KVCache(k=k_all, v=v_all, pos=pos, doc=doc, view=view, length=start + t)
         return (h if hidden else self.logits(h)), new_cache
 
@@ -348,16 +384,26 @@ class Qwen3(nnx.Module):
         if kind == "dense":
             full_mask, sliding_mask = data
             mask = full_mask if sliding_mask is None else jnp.where(is_sliding, sliding_mask, full_mask)
-            return lambda q, k, v: dense_attention(q, k, v, mask, scale)
+            return lambda q, k, v, kv_layout: dense_attention(q, k, v, mask, scale, kv_layout)
         doc_ids, view_ids, positions = data
         window = jnp.where(is_sliding, c.sliding_window or 0, 0).astype(jnp.int32)
         interpret = self.attention_impl() == "pallas_interpret"
         flash = functools.partial(flash_attention, scale=scale, interpret=interpret)
         mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty:
-            return lambda q, k, v: flash(q, k, v, doc_ids, view_ids, positions, window=window)
 
-        def sharded(q, k, v):  # Pallas kernels have no partitioning rule: run them per shard
+        def flat_kv(kv_layout):  # the flash path never reads a KV cache (extend() decodes densely)
+            if kv_layout != "bskh":
+                raise ValueError(f"flash attention takes K/V as [B, S, K, H], found layout {kv_layout!r}")
+
+        def local(q, k, v, kv_layout):
+            flat_kv(kv_layout)
+            return flash(q, k, v, doc_ids, view_ids, positions, window=window)
+
+        if mesh.empty:
+            return local
+
+        def sharded(q, k, v, kv_layout):  # Pallas kernels have no partitioning rule: run them per shard
+            flat_kv(kv_layout)
             spec = lambda names, x, what: logical_to_spec(names, x.shape, mesh, self.rules, what=what)
             q_spec = spec(("act_batch", None, "act_heads", None), q, "attention.q")
             kv_spec = spec(("act_batch", None, "act_kv_heads", None), k, "attention.k")
@@ -369,7 +415,7 @@ class Qwen3(nnx.Module):
 
         return sharded
 
-    def _backbone(self, tokens, positions, attention, kv_cache, start):
+    def _backbone(self, tokens, positions, attention, kv_cache, start, layers=None):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         act = ("act_batch", "act_seq", "act_embed")
@@ -390,6 +436,23 @@ class Qwen3(nnx.Module):
             h, kv = nnx.merge(graphdef, layer_state)(h, cos, sin, attend, kv, layer, start)
             return (h, kv), None
 
+        if layers is not None:  # separate per-layer arrays: a plain loop (forward only, no remat)
+            with jax.named_scope("layers"):
+                per_layer = kv_cache is not None and isinstance(kv_cache[0], tuple)
+                ks, vs = [], []
+                for i, layer_state in enumerate(layers):
+                    attend = self._attend_fn(attention, c.layer_windows[i] > 0)
+                    layer = nnx.merge(graphdef, layer_state)
+                    if per_layer:  # an unstacked cache: each layer reads and writes its own arrays
+                        h, (k_i, v_i) = layer(h, cos, sin, attend, (kv_cache[0][i], kv_cache[1][i]), None, start)
+                        ks.append(k_i)
+                        vs.append(v_i)
+                    else:
+                        h, kv_cache = layer(h, cos, sin, attend, kv_cache, i, start)
+                if per_layer:
+                    kv_cache = (tuple(ks), tuple(vs))
+            with jax.named_scope("final_norm"):
+                return rms_norm(h, self.norm[...], c.rms_norm_eps), kv_cache
         if c.remat != "none":
             # Inside a scan XLA cannot merge the recomputation with the forward; unrolled, it could.
             body = jax.checkpoint(body, policy=_REMAT[c.remat], prevent_cse=not c.scan_layers)

@@ -18,8 +18,9 @@ venv: $(VENV)/.installed
 train: $(VENV)/.installed
 	$(PY) -m her_jax.train $(ARGS)
 
+# Two pytest workers: most tests are single-threaded XLA compiles (ARGS="-n 0" runs serially).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n 2 $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -29,7 +29,20 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 V = 151936
 GIB = 2**30
-TOL = {"logprob": 2e-2, "lse": 2e-2, "entropy": 5e-2}  # bf16 inputs: rel. max error vs the f32 reference
+# Max error relative to the largest reference value. The inputs are exact bf16 values and every
+# implementation accumulates in f32, so only f32 rounding separates them (H100: <= 3.3e-6 seen).
+TOL = {"logprob": 1e-4, "lse": 1e-4, "entropy": 1e-4}
+
+
+def problem(h: int, tokens: int):
+    """bf16 hidden states [T, H], a bf16 head [V, H] and targets [T], seeded by H."""
+    import jax
+    import jax.numpy as jnp
+
+    k1, k2, k3 = jax.random.split(jax.random.key(h), 3)
+    x = jax.random.normal(k1, (tokens, h), jnp.float32).astype(jnp.bfloat16)
+    w = (jax.random.normal(k2, (V, h), jnp.float32) * h ** -0.5).astype(jnp.bfloat16)
+    return x, w, jax.random.randint(k3, (tokens,), 0, V, jnp.int32)
 
 
 def main() -> int:
@@ -74,10 +87,7 @@ def main() -> int:
 
     rows, ok = [], True
     for h in args.hidden:
-        k1, k2, k3 = jax.random.split(jax.random.key(h), 3)
-        x = (jax.random.normal(k1, (args.tokens, h), jnp.float32)).astype(jnp.bfloat16)
-        w = (jax.random.normal(k2, (V, h), jnp.float32) * h ** -0.5).astype(jnp.bfloat16)
-        y = jax.random.randint(k3, (args.tokens,), 0, V, jnp.int32)
+        x, w, y = problem(h, args.tokens)
         with jax.default_matmul_precision("highest"):
             ref = jax.jit(lambda x, w, y: dll.reference_token_stats(x.astype(jnp.float32), w.astype(jnp.float32), y,
                                                                     vocab_size=V, temperature=1.0, entropy=True))(x, w, y)
@@ -128,10 +138,7 @@ def sweep(args, gpu_kernel, timed) -> int:
 
     best = {}
     for h in args.hidden:
-        k1, k2, k3 = jax.random.split(jax.random.key(h), 3)
-        x = jax.random.normal(k1, (args.tokens, h), jnp.float32).astype(jnp.bfloat16)
-        w = (jax.random.normal(k2, (V, h), jnp.float32) * h ** -0.5).astype(jnp.bfloat16)
-        y = jax.random.randint(k3, (args.tokens,), 0, V, jnp.int32)
+        x, w, y = problem(h, args.tokens)
         results = []
         for bt, bv, bh, warps, stages in itertools.product((64, 128), (64, 128, 256), (64, 128), (4, 8), (2, 3)):
             if h % bh or bt * bv > 128 * 128 or (bt * bv == 128 * 128 and warps == 4):

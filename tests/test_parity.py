@@ -219,16 +219,19 @@ def test_kv_cache_prefill_and_decode_equal_full_forward(tmp_path, rng):
     with pytest.raises(ValueError, match="KV cache overflow"):
         model.extend(tokens[:, :7], cache)
 
-    # The decode loop's form: per-layer weight copies and one cache array per layer.
+    # The decode loop's form: per-layer weight copies, with one cache array per layer (what the
+    # sampler uses) and with the stacked cache.
     extend_layers = nnx.jit(lambda m, t, c: m.extend(t, c, layers=m.layer_states()))
-    cache = model.init_cache(batch=3, capacity=20).unstacked()
-    assert isinstance(cache.k, tuple) and len(cache.k) == 3 and cache.capacity == 20
-    steps = []
-    for lo, hi in [(0, 6)] + [(t, t + 1) for t in range(6, 14)]:
-        logits, cache = extend_layers(model, tokens[:, lo:hi], cache)
-        steps.append(np.asarray(logits))
-    assert rel_err(np.concatenate(steps, axis=1), full) <= TOL
-    assert cache.stacked().k.shape == (3, 3, model.config.num_key_value_heads, 20, model.config.head_dim)
+    for unstacked in (True, False):
+        cache = model.init_cache(batch=3, capacity=20)
+        cache = cache.unstacked() if unstacked else cache
+        assert isinstance(cache.k, tuple) == unstacked and cache.capacity == 20
+        steps = []
+        for lo, hi in [(0, 6)] + [(t, t + 1) for t in range(6, 14)]:
+            logits, cache = extend_layers(model, tokens[:, lo:hi], cache)
+            steps.append(np.asarray(logits))
+        assert rel_err(np.concatenate(steps, axis=1), full) <= TOL, unstacked
+        assert cache.stacked().k.shape == (3, 3, model.config.num_key_value_heads, 20, model.config.head_dim)
 
 
 def test_packed_documents_are_independent(tmp_path, rng):
